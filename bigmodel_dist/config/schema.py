@@ -1,0 +1,194 @@
+"""The run configuration: one dataclass per concern, a docstring per field.
+
+Precedence is defaults < YAML file < dotted CLI overrides (see `loader.py`). Checks that need only the
+values live in each section's `check()`; checks that touch the file system live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bigmodel_dist.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _require_positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{section}.{name}", f"must be > 0, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "gpt2-tiny"
+    """Architecture preset (see `bigmodel_dist/model_presets.py`): gpt2-tiny, gpt2-124m, ..., llama-7b."""
+    vocab_size: int | None = None
+    """Overrides the preset's vocabulary size; must hold every id the tokenizer produces."""
+    dropout: float | None = None
+    """Overrides the preset's dropout (attention, residual, embedding) when set."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+
+    def check(self) -> None:
+        from bigmodel_dist.model_presets import MODEL_PRESETS
+
+        if self.preset not in MODEL_PRESETS:
+            raise ConfigError("model.preset", f"unknown preset {self.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+        if self.vocab_size is not None:
+            _require_positive("model", vocab_size=self.vocab_size)
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=lambda: ["python-stdlib"])
+    """Text files or folders to train on. "python-stdlib" is this interpreter's standard-library source,
+    a real corpus present on every machine without a download."""
+    extensions: list[str] = field(default_factory=lambda: [".py", ".txt", ".md", ".rst"])
+    """File suffixes read from folders."""
+    max_bytes: int = 0
+    """Read at most this many bytes of text (files in sorted order); 0 reads everything."""
+    tokenizer: str | None = None
+    """Local directory of a Hugging Face fast tokenizer. None trains a byte-level BPE on the corpus."""
+    seq_len: int = 256
+    """Tokens per packed training sequence."""
+    val_fraction: float = 0.02
+    """Share of packed sequences held out for evaluation."""
+    cache_dir: str | None = None
+    """Where tokenised data and trained tokenizers are cached; default `<output_dir>/.cache`."""
+
+    def check(self) -> None:
+        if not self.paths:
+            raise ConfigError("data.paths", "is empty; give at least one file or folder (or python-stdlib)")
+        _require_positive("data", seq_len=self.seq_len)
+        if self.max_bytes < 0:
+            raise ConfigError("data.max_bytes", f"must be >= 0 (0 = everything), got {self.max_bytes}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError("data.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    """Peak learning rate of AdamW."""
+    min_lr: float = 6e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not biases, norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    def check(self) -> None:
+        _require_positive("optim", lr=self.lr, eps=self.eps)
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("optim.min_lr", f"must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all data-parallel ranks."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one rank."""
+    grad_accum_steps: int | None = None
+    """Micro-steps per optimizer step; derived from the batch identity when None."""
+    max_steps: int = 100
+    """Stop after this many optimizer steps."""
+    max_tokens: int = 0
+    """Also stop once this many training tokens were seen; 0 means no token limit."""
+    precision: str = "bf16"
+    """fp32, bf16 or fp16 (DeepSpeed mixed precision)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    log_every: int = 1
+    """Log metrics every N optimizer steps."""
+    eval_every: int = 50
+    """Evaluate every N optimizer steps (and at the end); 0 disables evaluation."""
+    eval_batches: int = 4
+    """Micro-batches per rank in one evaluation."""
+    save_every: int = 50
+    """Save a checkpoint every N optimizer steps (and at the end); 0 saves only at the end."""
+
+    def check(self) -> None:
+        _require_positive(
+            "train",
+            global_batch_size=self.global_batch_size,
+            micro_batch_size=self.micro_batch_size,
+            max_steps=self.max_steps,
+            log_every=self.log_every,
+            eval_batches=self.eval_batches,
+        )
+        if self.grad_accum_steps is not None:
+            _require_positive("train", grad_accum_steps=self.grad_accum_steps)
+        for name in ("max_tokens", "eval_every", "save_every", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("train.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "zero2"
+    """DeepSpeed JSON: a shipped name (zero0, zero1, zero2, zero3, zero2-offload, zero3-offload,
+    zero3-nvme -> configs/deepspeed/<name>.json) or a path to your own ds_config.json ("auto" allowed)."""
+    zero_stage: int | None = None
+    """Overrides zero_optimization.stage of that JSON when set."""
+
+    def check(self) -> None:
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"
+    """W&B mode on rank 0: offline (default, no network), online, or disabled."""
+    wandb_project: str = "bigmodel-dist"
+    """W&B project name."""
+    peak_tflops_per_device: float | None = None
+    """Device peak for MFU; None looks the device up in a table (GPUs) and reports no MFU if unknown."""
+
+    def check(self) -> None:
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError("logging.wandb_mode", f"must be one of {list(WANDB_MODES)}, got {self.wandb_mode!r}")
+        if self.peak_tflops_per_device is not None:
+            _require_positive("logging", peak_tflops_per_device=self.peak_tflops_per_device)
+
+
+@dataclass
+class Config:
+    name: str = "gpt2-tiny"
+    """Stable run name: the run directory is `<output_dir>/<name>`, so restarts and requeues find it."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    seed: int = 1234
+    """Seed for model initialisation, data order and dropout."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError("name", f"must be a plain folder name (no '/', not starting with '.'), got {self.name!r}")
+        for section in (self.model, self.data, self.optim, self.train, self.deepspeed, self.logging):
+            section.check()

@@ -1,0 +1,102 @@
+"""Pre-flight: everything a run needs, checked and derived once, before any process group starts.
+
+`resolve_run` turns a Config plus a world size into a `ResolvedRun`: batch layout, the DeepSpeed config
+DeepSpeed will get, model size and the figures `bigmodel validate` prints. It touches the file system
+only to read and to check writability; it writes nothing. No torch import: it must stay instant.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bigmodel_dist.config.deepspeed import (
+    BatchLayout,
+    check_offload_paths,
+    derive_batch_layout,
+    locate_deepspeed_json,
+    resolve_deepspeed_config,
+)
+from bigmodel_dist.config.schema import Config
+from bigmodel_dist.errors import ConfigError
+from bigmodel_dist.model_presets import ModelShape, count_parameters, model_shape
+
+PYTHON_STDLIB = "python-stdlib"
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    config: Config
+    run_dir: Path
+    layout: BatchLayout
+    deepspeed_source: Path
+    deepspeed_config: dict[str, Any]
+    deepspeed_notes: list[str]
+    shape: ModelShape
+    num_parameters: int
+
+    @property
+    def zero_stage(self) -> int:
+        return self.deepspeed_config["zero_optimization"]["stage"]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.layout.tokens_per_step(self.config.data.seq_len)
+
+    def model_state_bytes_per_rank(self) -> dict[str, float]:
+        return model_state_bytes_per_rank(
+            self.num_parameters, self.zero_stage, self.config.train.precision, self.layout.data_parallel_size
+        )
+
+
+def resolve_run(cfg: Config, world_size: int, has_cuda: bool = False) -> ResolvedRun:
+    """Check and derive everything for a run on `world_size` data-parallel ranks."""
+    if world_size < 1:
+        raise ConfigError("world size", f"must be >= 1, got {world_size}")
+    layout = derive_batch_layout(cfg.train, world_size)
+    shape = model_shape(cfg.model.preset, cfg.model.vocab_size)
+    if cfg.data.seq_len > shape.max_positions:
+        raise ConfigError(
+            "data.seq_len", f"{cfg.data.seq_len} exceeds the {cfg.model.preset} context of {shape.max_positions} tokens"
+        )
+    source = locate_deepspeed_json(cfg.deepspeed.config)
+    ds, notes = resolve_deepspeed_config(cfg, layout, shape.hidden_size, source, has_cuda=has_cuda)
+    check_offload_paths(ds, source)
+    _check_data_paths(cfg)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    _check_writable(run_dir, "output_dir")
+    return ResolvedRun(cfg, run_dir, layout, source, ds, notes, shape, count_parameters(shape))
+
+
+def model_state_bytes_per_rank(num_params: int, zero_stage: int, precision: str, dp: int) -> dict[str, float]:
+    """ZeRO paper's model-state memory (params, grads, Adam states) per rank, by precision.
+
+    Mixed precision keeps 2-byte params and grads and 12 bytes of fp32 master + Adam moments (16 bytes per
+    parameter at stage 0). fp32 keeps 4 + 4 + 8 bytes, and DeepSpeed's ZeRO 1-3 hold one more fp32
+    master copy of the rank's partition (measured: +4 bytes per parameter / dp).
+    """
+    mixed = precision in ("bf16", "fp16")
+    param_b, grad_b, optim_b = (2, 2, 12) if mixed else (4, 4, 8 + (4 if zero_stage >= 1 else 0))
+    n = float(num_params)
+    params = n * param_b / (dp if zero_stage >= 3 else 1)
+    grads = n * grad_b / (dp if zero_stage >= 2 else 1)
+    optim = n * optim_b / (dp if zero_stage >= 1 else 1)
+    return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim}
+
+
+def _check_data_paths(cfg: Config) -> None:
+    for i, entry in enumerate(cfg.data.paths):
+        if entry != PYTHON_STDLIB and not Path(entry).exists():
+            raise ConfigError(f"data.paths[{i}]", f"{entry} does not exist; give a text file or folder (or {PYTHON_STDLIB})")
+    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer, "tokenizer.json").is_file():
+        raise ConfigError(
+            "data.tokenizer", f"{cfg.data.tokenizer} holds no tokenizer.json; give a saved fast tokenizer folder or null"
+        )
+
+
+def _check_writable(path: Path, field: str) -> None:
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(field, f"{existing} is not a writable folder; choose an output_dir you can write to")

@@ -1,0 +1,37 @@
+"""Which samples each rank reads at each (step, micro-step): seeded, per-epoch shuffled, world-size free.
+
+Optimizer step `s` consumes global samples [s*G, (s+1)*G) whatever the number of ranks; inside it,
+micro-step `m` of rank `r` takes the slice starting at (m * dp + r) * micro. So the position in the data
+is one integer (global samples consumed), and a run may resume on a different world size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bigmodel_dist.config.deepspeed import BatchLayout
+
+
+class ShuffledOrder:
+    """Global sample index -> sequence index, reshuffled each epoch from (seed, epoch)."""
+
+    def __init__(self, num_sequences: int, seed: int):
+        if num_sequences < 1:
+            raise ValueError("need at least one sequence")
+        self.num_sequences = num_sequences
+        self.seed = seed
+        self._epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    def __getitem__(self, global_index: int) -> int:
+        epoch, offset = divmod(global_index, self.num_sequences)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
+            self._epoch = epoch
+        return int(self._perm[offset])
+
+
+def micro_batch_indices(layout: BatchLayout, step: int, micro_step: int, rank: int) -> range:
+    """Global sample indices of one micro-batch of one rank."""
+    start = step * layout.global_batch_size + (micro_step * layout.data_parallel_size + rank) * layout.micro_batch_size
+    return range(start, start + layout.micro_batch_size)

@@ -1,0 +1,53 @@
+"""The distributed facts of this process (rank, world size, node), read once from the environment.
+
+torchrun, `accelerate launch`, srun + torchrun and Ray Train all export the torchrun variables; this is
+the only module of the library that reads them. Everything else receives a `DistributedFacts`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistributedFacts:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // self.local_world_size)
+
+    def prefix(self) -> str:
+        return f"[rank {self.rank}/{self.world_size}]"
+
+
+def facts_from_env(env: Mapping[str, str] | None = None) -> DistributedFacts:
+    """Facts from torchrun-style variables; a plain `python` process is rank 0 of 1."""
+    env = os.environ if env is None else env
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world_size = int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
+    if not 0 <= rank < world_size or not 0 <= local_rank < local_world_size:
+        raise ValueError(f"inconsistent launcher environment: RANK={rank} LOCAL_RANK={local_rank} WORLD_SIZE={world_size}")
+    return DistributedFacts(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        node_rank=int(env.get("GROUP_RANK", env.get("NODE_RANK", str(rank // local_world_size)))),
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(env.get("MASTER_PORT", "29500")),
+    )

@@ -1,0 +1,48 @@
+"""Build a GPT-style causal LM from a preset through `transformers` configs (no hub download).
+
+Call `build_model` after the Accelerator exists: with ZeRO-3 the DeepSpeed plugin has registered its
+config with transformers, so `from_config` partitions parameters as they are created and initialises
+them correctly (a bare `deepspeed.zero.Init()` around the constructor does not: initial loss ~85 for a
+512-token vocabulary).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bigmodel_dist.config.schema import ModelConfig
+from bigmodel_dist.model_presets import preset_kwargs
+
+
+def build_transformers_config(model_cfg: ModelConfig, eos_token_id: int | None = None):
+    from transformers import GPT2Config, LlamaConfig
+
+    family, kwargs = preset_kwargs(model_cfg.preset, model_cfg.vocab_size, model_cfg.dropout)
+    config_cls = GPT2Config if family == "gpt2" else LlamaConfig
+    # Our tokenizer's EOS doubles as BOS (GPT-2 convention), so generation and export agree with training.
+    config = config_cls(**kwargs, bos_token_id=eos_token_id, eos_token_id=eos_token_id, loss_type="ForCausalLM")
+    config.use_cache = False  # training only; the KV cache costs memory
+    return config
+
+
+def build_model(model_cfg: ModelConfig, seed: int, eos_token_id: int | None = None) -> torch.nn.Module:
+    """The model, initialised from `seed` (same weights whatever the ZeRO stage)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(build_transformers_config(model_cfg, eos_token_id))
+    if model_cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; biases, norms (1-D tensors) are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        # Under ZeRO-3 a partitioned parameter's .dim() is 1; ds_shape keeps the real shape.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        (decay if ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,56 @@
+"""Accelerate + DeepSpeed: create the Accelerator (which starts the process group) and prepare the model.
+
+Accelerate drives DeepSpeed; the backend follows the device (NCCL with CUDA, gloo on CPU, where
+Accelerate alone would pick none and miscount the world size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Runtime:
+    accelerator: Any  # accelerate.Accelerator
+    engine: Any  # deepspeed.DeepSpeedEngine (what accelerator.prepare returns for the model)
+    optimizer: Any  # the prepared optimizer; its param_groups carry the learning rate
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def create_accelerator(ds_config: dict[str, Any], precision: str, timeout_s: int = 1800):
+    """The Accelerator with its DeepSpeed plugin; creating it joins the process group."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    plugin = DeepSpeedPlugin(
+        hf_ds_config=ds_config,
+        zero3_init_flag=ds_config["zero_optimization"]["stage"] == 3,
+    )
+    mixed_precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    return Accelerator(
+        deepspeed_plugin=plugin,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=ds_config["gradient_accumulation_steps"],
+        kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=timeout_s))],
+    )
+
+
+def prepare(accelerator, model: torch.nn.Module, param_groups: list[dict], lr: float) -> Runtime:
+    """Wrap the model in a DeepSpeed engine; the optimizer comes from the DeepSpeed JSON's block."""
+    from accelerate.utils import DummyOptim
+
+    engine, optimizer = accelerator.prepare(model, DummyOptim(param_groups, lr=lr))
+    return Runtime(accelerator=accelerator, engine=engine, optimizer=optimizer)
+
+
+def set_learning_rate(runtime: Runtime, lr: float) -> None:
+    for group in runtime.optimizer.param_groups:
+        group["lr"] = lr

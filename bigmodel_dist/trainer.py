@@ -1,0 +1,207 @@
+"""The one training loop every launcher runs: lr -> micro-steps -> step -> log -> eval -> save -> stop.
+
+Runs inside an already-started set of processes (torchrun, srun, accelerate launch, Ray): the
+Accelerator joins the process group; rank and world size come in as `DistributedFacts`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bigmodel_dist.config.loader import save_config, to_dict
+from bigmodel_dist.config.schema import OptimConfig
+from bigmodel_dist.config.validate import ResolvedRun
+from bigmodel_dist.data.packed import PackedData, prepare_packed_data
+from bigmodel_dist.data.sampler import ShuffledOrder, micro_batch_indices
+from bigmodel_dist.distributed import DistributedFacts
+from bigmodel_dist.metrics import MetricsLogger, device_peak_tflops
+from bigmodel_dist.model_presets import flops_per_token
+from bigmodel_dist.models import build_model, weight_decay_groups
+from bigmodel_dist.runtime import Runtime, create_accelerator, prepare, set_learning_rate
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps` (step counts from 0)."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+    return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
+
+
+@dataclass
+class TrainState:
+    """What the loop has done; goes into every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    losses: list[float] = field(default_factory=list)  # per logged step, averaged over ranks
+
+
+class Trainer:
+    def __init__(self, resolved: ResolvedRun, facts: DistributedFacts):
+        self.resolved = resolved
+        self.cfg = resolved.config
+        self.facts = facts
+        self.run_dir = resolved.run_dir
+        self.state = TrainState()
+        accelerator = create_accelerator(resolved.deepspeed_config, self.cfg.train.precision)
+        self._write_run_files(accelerator)
+        with accelerator.local_main_process_first():  # one rank per node tokenises; the rest read the cache
+            cache_dir = Path(self.cfg.data.cache_dir or Path(self.cfg.output_dir) / ".cache")
+            self.data: PackedData = prepare_packed_data(self.cfg.data, resolved.shape.vocab_size, cache_dir)
+        model = build_model(self.cfg.model, self.cfg.seed, eos_token_id=self.data.tokenizer.eos_token_id)
+        self.runtime: Runtime = prepare(accelerator, model, weight_decay_groups(model, self.cfg.optim.weight_decay),
+                                        self.cfg.optim.lr)
+        torch.manual_seed(self.cfg.seed + 1000 * facts.rank)  # dropout differs per rank, same on every run
+        self.order = ShuffledOrder(len(self.data.train), self.cfg.seed)
+        self.metrics = MetricsLogger(self.run_dir, self.cfg.logging, to_dict(self.cfg), facts.is_main,
+                                     self.cfg.train.max_steps)
+        self._flops_per_step = flops_per_token(resolved.shape, self.cfg.data.seq_len) * resolved.tokens_per_step
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self._peak_flops = (device_peak_tflops(self.cfg.logging, device_name) or 0.0) * 1e12
+
+    def train(self) -> TrainState:
+        cfg, train = self.cfg, self.cfg.train
+        self._announce()
+        last_log_time, last_log_step = time.perf_counter(), self.state.step
+        step_losses: list[torch.Tensor] = []
+        while not self._should_stop():
+            lr = lr_at(self.state.step, cfg.optim, train.max_steps)
+            set_learning_rate(self.runtime, lr)
+            step_losses.append(self._train_step())
+            self.state.step += 1
+            self.state.tokens_seen += self.resolved.tokens_per_step
+
+            if self.state.step % train.log_every == 0 or self._should_stop():
+                elapsed = time.perf_counter() - last_log_time
+                self._log_step(step_losses, lr, elapsed, self.state.step - last_log_step)
+                step_losses.clear()
+                last_log_time, last_log_step = time.perf_counter(), self.state.step
+            if train.eval_every and (self.state.step % train.eval_every == 0 or self._should_stop()):
+                self.metrics.log(self.state.step, {"eval/loss": (loss := self.evaluate()), "eval/ppl": math.exp(loss)})
+            if (train.save_every and self.state.step % train.save_every == 0) or self._should_stop():
+                self.save_checkpoint()
+        self._finish()
+        return self.state
+
+    def _train_step(self) -> torch.Tensor:
+        """One optimizer step: grad_accum micro-steps; DeepSpeed clips and steps at the boundary."""
+        engine, accelerator = self.runtime.engine, self.runtime.accelerator
+        engine.train()
+        total = torch.zeros((), device=self.runtime.device)
+        for micro_step in range(self.resolved.layout.grad_accum_steps):
+            batch = self._batch(self.state.step, micro_step)
+            with accelerator.accumulate(engine):  # sync (and step) only on the last micro-step
+                loss = engine(input_ids=batch, labels=batch).loss
+                accelerator.backward(loss)
+            total += loss.detach().float()
+        return total / self.resolved.layout.grad_accum_steps
+
+    def _batch(self, step: int, micro_step: int) -> torch.Tensor:
+        indices = micro_batch_indices(self.resolved.layout, step, micro_step, self.facts.rank)
+        rows = np.stack([self.data.train[self.order[i]] for i in indices]).astype(np.int64)
+        return torch.from_numpy(rows).to(self.runtime.device)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over `eval_batches` micro-batches per rank of the held-out split, averaged over ranks."""
+        engine, layout = self.runtime.engine, self.resolved.layout
+        engine.eval()
+        total = torch.zeros((), device=self.runtime.device)
+        for batch_index in range(self.cfg.train.eval_batches):
+            start = (batch_index * layout.data_parallel_size + self.facts.rank) * layout.micro_batch_size
+            rows = [self.data.val[(start + i) % len(self.data.val)] for i in range(layout.micro_batch_size)]
+            batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(self.runtime.device)
+            total += engine(input_ids=batch, labels=batch).loss.float()
+        mean = self.runtime.accelerator.reduce(total / self.cfg.train.eval_batches, reduction="mean")
+        return float(mean)
+
+    def save_checkpoint(self) -> Path:
+        """DeepSpeed checkpoint through Accelerate (every rank writes its shard), then the `latest` pointer."""
+        accelerator = self.runtime.accelerator
+        tag = f"step_{self.state.step:06d}"
+        ckpt_dir = self.run_dir / "checkpoints" / tag
+        started = time.perf_counter()
+        accelerator.save_state(str(ckpt_dir))
+        if self.facts.is_main:
+            state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
+                     "samples_seen": self.state.step * self.resolved.layout.global_batch_size,
+                     "world_size": self.facts.world_size, "zero_stage": self.resolved.zero_stage}
+            (ckpt_dir / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()  # every rank's shard is on disk before the pointer moves
+        if self.facts.is_main:
+            tmp = ckpt_dir.parent / "latest.tmp"
+            tmp.write_text(tag + "\n")
+            tmp.replace(ckpt_dir.parent / "latest")
+            log.info("saved checkpoint %s in %.1fs", ckpt_dir, time.perf_counter() - started)
+        return ckpt_dir
+
+    def _should_stop(self) -> bool:
+        max_tokens = self.cfg.train.max_tokens
+        return self.state.step >= self.cfg.train.max_steps or bool(max_tokens and self.state.tokens_seen >= max_tokens)
+
+    def _log_step(self, step_losses: list[torch.Tensor], lr: float, elapsed: float, num_steps: int) -> None:
+        accelerator = self.runtime.accelerator
+        losses = accelerator.reduce(torch.stack(step_losses), reduction="mean")  # every rank joins
+        self.state.losses.extend(float(x) for x in losses)
+        step_time = elapsed / max(1, num_steps)
+        tokens_per_s = self.resolved.tokens_per_step / step_time
+        metrics = {
+            "loss": float(losses.mean()),  # mean over the steps since the last log
+            "lr": lr,
+            "grad_norm": _grad_norm(self.runtime.engine),
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / self.facts.world_size,
+            "tokens_seen": self.state.tokens_seen,
+        }
+        if self._peak_flops:
+            metrics["mfu"] = self._flops_per_step / step_time / (self._peak_flops * self.facts.world_size)
+        self.metrics.log(self.state.step, metrics)
+
+    def _write_run_files(self, accelerator) -> None:
+        if self.facts.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.resolved.deepspeed_config, indent=2))
+        accelerator.wait_for_everyone()
+
+    def _announce(self) -> None:
+        r, layout = self.resolved, self.resolved.layout
+        for note in r.deepspeed_notes:
+            log.warning(note)
+        log.info(
+            "model %s: %.1fM parameters | ZeRO-%d %s | global batch %d = micro %d x accum %d x dp %d | "
+            "%d tokens/step | %d train sequences of %d tokens | run dir %s",
+            self.cfg.model.preset, r.num_parameters / 1e6, r.zero_stage, self.cfg.train.precision,
+            layout.global_batch_size, layout.micro_batch_size, layout.grad_accum_steps, layout.data_parallel_size,
+            r.tokens_per_step, len(self.data.train), self.cfg.data.seq_len, self.run_dir,
+        )
+
+    def _finish(self) -> None:
+        self.runtime.accelerator.wait_for_everyone()
+        if self.facts.is_main:
+            done = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "finished_at": time.time()}
+            (self.run_dir / "COMPLETED").write_text(json.dumps(done) + "\n")
+            log.info("done: checkpoints in %s, metrics in %s%s", self.run_dir / "checkpoints",
+                     self.run_dir / "metrics.jsonl",
+                     f", W&B files in {self.metrics.wandb_dir}" if self.metrics.wandb_dir else "")
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.runtime.accelerator.end_training()
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")

@@ -1,0 +1,129 @@
+"""`bigmodel`: train | launch local | validate. Heavy imports stay inside the commands that need them.
+
+Every user error (config, file) prints one line and exits 2 before any process group starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from bigmodel_dist.errors import EXIT_USAGE, UserInputError
+
+OVERRIDES_HELP = "dotted overrides after the config, e.g. --train.max_steps=20 --deepspeed.config=zero3"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        overrides = _split_overrides(extra)
+        return args.handler(args, overrides)
+    except UserInputError as exc:
+        print(f"bigmodel: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigmodel", description="GPT pretraining on DeepSpeed ZeRO, any launcher.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run the trainer inside an already-started process group",
+                                epilog=OVERRIDES_HELP)
+    train.add_argument("config", help="YAML run config, e.g. configs/gpt2-tiny.yaml")
+    train.set_defaults(handler=_cmd_train)
+
+    validate = commands.add_parser("validate", help="check a config and print its derived figures",
+                                   epilog=OVERRIDES_HELP)
+    validate.add_argument("config")
+    validate.add_argument("--world-size", type=int, default=1, help="data-parallel ranks to plan for")
+    validate.set_defaults(handler=_cmd_validate)
+
+    launch = commands.add_parser("launch", help="start processes on an allocation")
+    backends = launch.add_subparsers(dest="backend", required=True)
+    local = backends.add_parser("local", help="torchrun on this machine", epilog=OVERRIDES_HELP)
+    local.add_argument("config")
+    local.add_argument("--nproc-per-node", type=int, default=None, help="processes here (default: GPUs, or 2 on CPU)")
+    local.add_argument("--nnodes", type=int, default=1)
+    local.add_argument("--node-rank", type=int, default=0)
+    local.add_argument("--master-addr", default="127.0.0.1")
+    local.add_argument("--master-port", type=int, default=29500)
+    local.set_defaults(handler=_cmd_launch_local)
+    return parser
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    for item in extra:
+        if not (item.startswith("--") and "=" in item and "." in item.split("=", 1)[0]):
+            raise UserInputError(f"unrecognised argument {item!r}; overrides look like --section.field=value")
+    return extra
+
+
+def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.config.validate import resolve_run
+    from bigmodel_dist.distributed import facts_from_env
+    from launcher.logs import setup_logging
+
+    facts = facts_from_env()
+    setup_logging(facts.rank, facts.world_size)
+    # Under `accelerate launch --config_file configs/accelerate/zeroN.yaml` the DeepSpeed JSON comes from
+    # the Accelerate config; explicit CLI overrides still win.
+    accelerate_json = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if accelerate_json:
+        overrides = [f"--deepspeed.config={accelerate_json}", *overrides]
+    cfg = load_config(args.config, overrides)
+
+    import torch
+
+    resolved = resolve_run(cfg, facts.world_size, has_cuda=torch.cuda.is_available())
+    from bigmodel_dist.trainer import Trainer
+
+    trainer = Trainer(resolved, facts)
+    trainer.train()
+    trainer.close()
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.config.validate import resolve_run
+
+    resolved = resolve_run(load_config(args.config, overrides), args.world_size)
+    print(format_summary(resolved))
+    return 0
+
+
+def format_summary(resolved) -> str:
+    cfg, layout = resolved.config, resolved.layout
+    memory = resolved.model_state_bytes_per_rank()
+    gib = 2**30
+    rows = [
+        ("run dir", str(resolved.run_dir)),
+        ("model", f"{cfg.model.preset} ({resolved.shape.family}), {resolved.num_parameters:,} parameters"),
+        ("sequence length", cfg.data.seq_len),
+        ("world size (data parallel)", layout.data_parallel_size),
+        ("global batch", f"{layout.global_batch_size} sequences = micro {layout.micro_batch_size} x grad accum "
+                         f"{layout.grad_accum_steps} x dp {layout.data_parallel_size}"),
+        ("tokens per step", f"{resolved.tokens_per_step:,}"),
+        ("max steps / tokens", f"{cfg.train.max_steps} / {cfg.train.max_steps * resolved.tokens_per_step:,}"),
+        ("precision", cfg.train.precision),
+        ("DeepSpeed", f"ZeRO-{resolved.zero_stage} from {resolved.deepspeed_source}"),
+        ("model states per rank", f"{memory['total'] / gib:.3f} GiB (params {memory['params'] / gib:.3f}, grads "
+                                  f"{memory['grads'] / gib:.3f}, optimizer {memory['optimizer'] / gib:.3f})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines += [f"note: {note}" for note in resolved.deepspeed_notes]
+    return "\n".join(lines)
+
+
+def _cmd_launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
+    from launcher.local import launch_local
+
+    return launch_local(args, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

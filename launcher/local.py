@@ -1,0 +1,81 @@
+"""`bigmodel launch local`: validate, then run torchrun on this machine with the trainer as its module.
+
+The embedded default when there is no cluster. Multi-node works too: run it once per node with
+--nnodes/--node-rank/--master-addr (c10d rendezvous).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bigmodel_dist.config import load_config
+from bigmodel_dist.config.validate import resolve_run
+from bigmodel_dist.errors import UserInputError
+from launcher.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def default_nproc_per_node() -> int:
+    import torch
+
+    return torch.cuda.device_count() or 2
+
+
+def torchrun_command(args: argparse.Namespace, nproc_per_node: int, overrides: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    if args.nnodes == 1:
+        command += ["--standalone"]
+    else:
+        command += [
+            f"--nnodes={args.nnodes}",
+            f"--node-rank={args.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.master_addr}:{args.master_port}",
+        ]
+    return command + ["-m", "launcher.cli", "train", args.config, *overrides]
+
+
+def launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
+    setup_logging()
+    nproc = args.nproc_per_node or default_nproc_per_node()
+    if nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise UserInputError("--nproc-per-node and --nnodes must be >= 1 and 0 <= --node-rank < --nnodes")
+    import torch
+
+    resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, has_cuda=torch.cuda.is_available())
+    command = torchrun_command(args, nproc, overrides)
+    log.info("launching %d process(es) on this node: %s", nproc, " ".join(command))
+    started = time.time()
+    child = subprocess.Popen(command)
+    _forward_signals(child)
+    code = child.wait()
+    if code != 0 and _completed_since(resolved.run_dir, started):
+        # Workers sometimes abort in interpreter teardown after all work is saved (seen with gloo).
+        log.warning("torchrun exited %d after the run had completed and saved; treating it as success", code)
+        code = 0
+    log.info("run dir %s: config.yaml, metrics.jsonl, checkpoints/ (exit code %d)", resolved.run_dir, code)
+    return code
+
+
+def _forward_signals(child: subprocess.Popen) -> None:
+    def forward(signum, _frame):
+        child.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, forward)
+
+
+def _completed_since(run_dir: Path, started: float) -> bool:
+    marker = run_dir / "COMPLETED"
+    try:
+        return json.loads(marker.read_text())["finished_at"] >= started
+    except (OSError, ValueError, KeyError):
+        return False
