@@ -8,6 +8,10 @@ them correctly (a bare `deepspeed.zero.Init()` around the constructor does not: 
 
 from __future__ import annotations
 
+import math
+import zlib
+from contextlib import nullcontext
+
 import torch
 
 from bigmodel_dist.config.schema import ModelConfig
@@ -29,11 +33,43 @@ def build_model(model_cfg: ModelConfig, seed: int, eos_token_id: int | None = No
     """The model, initialised from `seed` (same weights whatever the ZeRO stage)."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(build_transformers_config(model_cfg, eos_token_id))
+    config = build_transformers_config(model_cfg, eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    init_weights_per_parameter(model, seed, config)
     if model_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def init_weights_per_parameter(model: torch.nn.Module, seed: int, config) -> None:
+    """Re-initialise every parameter from a generator seeded by (seed, parameter name).
+
+    The same weights come out whatever the ZeRO stage or world size (ZeRO-3 builds partitioned parameters
+    and draws random numbers in a different order than a plain build), so runs compare across stages.
+    Scheme as in transformers: N(0, initializer_range), biases 0, norm weights 1, GPT-2's residual
+    projections scaled by 1/sqrt(2 * layers).
+    """
+    std = config.initializer_range
+    residual_std = std / math.sqrt(2 * config.num_hidden_layers)
+    for name, param in model.named_parameters():
+        with _gathered_for_write(param):  # collective under ZeRO-3: every rank, same order
+            generator = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            with torch.no_grad():
+                if name.endswith("bias"):
+                    param.zero_()
+                elif param.dim() == 1:
+                    param.fill_(1.0)  # LayerNorm / RMSNorm gains
+                else:
+                    scale = residual_std if config.model_type == "gpt2" and name.endswith("c_proj.weight") else std
+                    param.normal_(0.0, scale, generator=generator)
+
+
+def _gathered_for_write(param: torch.nn.Parameter):
+    if not hasattr(param, "ds_id"):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

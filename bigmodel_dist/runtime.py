@@ -54,3 +54,17 @@ def prepare(accelerator, model: torch.nn.Module, param_groups: list[dict], lr: f
 def set_learning_rate(runtime: Runtime, lr: float) -> None:
     for group in runtime.optimizer.param_groups:
         group["lr"] = lr
+
+
+def full_parameters(engine) -> dict[str, torch.Tensor]:
+    """Every parameter as a full fp32 CPU tensor (the optimizer's master copy where there is one).
+
+    Collective under ZeRO-3 (gathers partitions): call it on every rank.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = {}
+    for name, param in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(param)
+        full[name] = (master if master is not None else param.data).detach().float().cpu()
+    return full
