@@ -24,7 +24,7 @@ def build_transformers_config(model_cfg: ModelConfig, eos_token_id: int | None =
     family, kwargs = preset_kwargs(model_cfg.preset, model_cfg.vocab_size, model_cfg.dropout)
     config_cls = GPT2Config if family == "gpt2" else LlamaConfig
     # Our tokenizer's EOS doubles as BOS (GPT-2 convention), so generation and export agree with training.
-    config = config_cls(**kwargs, bos_token_id=eos_token_id, eos_token_id=eos_token_id, loss_type="ForCausalLM")
+    config = config_cls(**kwargs, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
     config.use_cache = False  # training only; the KV cache costs memory
     return config
 
@@ -35,6 +35,7 @@ def build_model(model_cfg: ModelConfig, seed: int, eos_token_id: int | None = No
 
     config = build_transformers_config(model_cfg, eos_token_id)
     model = AutoModelForCausalLM.from_config(config)
+    model.loss_type = "ForCausalLM"  # transformers warns on every build when this is unset
     init_weights_per_parameter(model, seed, config)
     if model_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -143,7 +143,7 @@ class Trainer:
             tmp = ckpt_dir.parent / "latest.tmp"
             tmp.write_text(tag + "\n")
             tmp.replace(ckpt_dir.parent / "latest")
-            log.info("saved checkpoint %s in %.1fs", ckpt_dir, time.perf_counter() - started)
+            log.info("saved checkpoint %s in %.2fs", ckpt_dir, time.perf_counter() - started)
         return ckpt_dir
 
     def _should_stop(self) -> bool:

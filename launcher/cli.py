@@ -55,7 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _split_overrides(extra: list[str]) -> list[str]:
     for item in extra:
-        if not (item.startswith("--") and "=" in item and "." in item.split("=", 1)[0]):
+        if not (item.startswith("--") and "=" in item):
             raise UserInputError(f"unrecognised argument {item!r}; overrides look like --section.field=value")
     return extra
 
