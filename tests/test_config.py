@@ -1,0 +1,142 @@
+"""Config loading: precedence, strict keys and types, shipped presets, one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bigmodel_dist.config import load_config
+from bigmodel_dist.config.validate import resolve_run
+from bigmodel_dist.errors import ConfigError, UserInputError
+
+from .conftest import REPO
+
+SHIPPED_RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_precedence_defaults_file_cli(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"max_steps": 7, "micro_batch_size": 2}}))
+    cfg = load_config(path, ["--train.max_steps=9", "--optim.lr=3e-4"])
+    assert cfg.train.max_steps == 9  # CLI beats file
+    assert cfg.train.micro_batch_size == 2  # file beats default
+    assert cfg.train.global_batch_size == 16  # default
+    assert cfg.optim.lr == pytest.approx(3e-4)  # "3e-4" without a dot still parses as a float
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path"),
+    [
+        (["--train.max_stepz=3"], "train.max_stepz"),
+        (["--nonsense.x=1"], "nonsense"),
+        (["--train.max_steps=ten"], "train.max_steps"),
+        (["--train.max_steps=true"], "train.max_steps"),
+        (["--optim.lr=fast"], "optim.lr"),
+        (["--model.activation_checkpointing=maybe"], "model.activation_checkpointing"),
+        (["--train=5"], "train"),
+        (["--train.micro_batch_size=0"], "train.micro_batch_size"),
+        (["--train.global_batch_size=-8"], "train.global_batch_size"),
+        (["--train.precision=fp8"], "train.precision"),
+        (["--deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+        (["--model.preset=gpt5"], "model.preset"),
+        (["--optim.min_lr=1.0"], "optim.min_lr"),
+        (["--logging.wandb_mode=loud"], "logging.wandb_mode"),
+    ],
+)
+def test_bad_values_name_the_dotted_field(overrides, path):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.path == path
+    assert path in str(info.value)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from bigmodel_dist.config import save_config
+
+    cfg = load_config(None, ["--train.max_steps=3", "--data.paths=[a, b]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", SHIPPED_RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_run_config_validates(path):
+    cfg = load_config(path)
+    resolved = resolve_run(cfg, world_size=2 if cfg.train.global_batch_size % 2 == 0 else 1)
+    assert resolved.num_parameters > 0
+    assert resolved.layout.global_batch_size == (
+        resolved.layout.micro_batch_size * resolved.layout.grad_accum_steps * resolved.layout.data_parallel_size
+    )
+
+
+def test_there_are_shipped_configs_for_every_family_and_size():
+    names = {p.stem for p in SHIPPED_RUN_CONFIGS}
+    assert {"gpt2-tiny", "gpt2-124m", "gpt2-350m", "gpt2-1.3b", "llama-tiny", "llama-7b"} <= names
+
+
+def _cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+BAD_INPUTS = [
+    (["--train.bogus=1"], "train.bogus"),
+    (["--train.max_steps=abc"], "train.max_steps"),
+    (["--train.micro_batch_size=0"], "train.micro_batch_size"),
+    (["--train.global_batch_size=10", "--train.micro_batch_size=4"], "train.global_batch_size"),
+    (["--deepspeed.zero_stage=5"], "deepspeed.zero_stage"),
+    (["--deepspeed.config=/nope/ds_config.json"], "deepspeed.config"),
+    (["--data.paths=[/nope/corpus]"], "data.paths[0]"),
+    (["--model.preset=gpt9-huge"], "model.preset"),
+    (["--data.tokenizer=/nope/tok"], "data.tokenizer"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "needle"), BAD_INPUTS, ids=[b[1] for b in BAD_INPUTS])
+@pytest.mark.parametrize("command", ["validate", "train", "launch"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, cli_env, command, overrides, needle):
+    out = tmp_path / "runs"
+    argv = {"validate": ["validate"], "train": ["train"], "launch": ["launch", "local", "--nproc-per-node=2"]}[command]
+    result = _cli([*argv, str(REPO / "configs" / "gpt2-tiny.yaml"), f"--output_dir={out}", *overrides], tmp_path, cli_env)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_unwritable_nvme_offload_dir_is_rejected(tmp_path, cli_env):
+    ds = tmp_path / "ds.json"
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")
+    ds.write_text(
+        '{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "%s/sub"}}}' % blocked
+    )
+    result = _cli(["validate", str(REPO / "configs" / "gpt2-tiny.yaml"), f"--deepspeed.config={ds}"], tmp_path, cli_env)
+    assert result.returncode == 2
+    assert "nvme_path" in result.stderr and "not writable" in result.stderr
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path, cli_env):
+    result = _cli(["validate", str(tmp_path / "absent.yaml")], tmp_path, cli_env)
+    assert result.returncode == 2 and "absent.yaml" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    result = _cli(["validate", str(bad)], tmp_path, cli_env)
+    assert result.returncode == 2 and "bad.yaml" in result.stderr and "line" in result.stderr
+    with pytest.raises(UserInputError):
+        load_config(bad)
+
+
+def test_validate_prints_derived_figures_fast(tmp_path, cli_env):
+    result = _cli(["validate", str(REPO / "configs" / "gpt2-124m.yaml"), "--world-size=8"], tmp_path, cli_env)
+    assert result.returncode == 0, result.stderr
+    for needle in ("parameters", "tokens per step", "grad accum", "ZeRO-", "model states per rank"):
+        assert needle in result.stdout
+    # heavy libraries stay unimported: validate must be instant
+    probe = "import sys, launcher.cli as c; c.main(['validate', %r]); print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe % str(REPO / "configs" / "gpt2-tiny.yaml")],
+                         cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().endswith("[]"), out.stdout
