@@ -1,0 +1,29 @@
+# One-command set-up on a fresh machine: `make train` (the main job) and `make test` (the suite).
+# The CPU build of torch is pinned here for dev/CI only; on a GPU machine: make train TORCH_SPEC=torch
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test bench clean-runs
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python -m launcher.warmup
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# A small GPT-2 on this machine: 2 local processes (all GPUs where present), ZeRO-2, W&B offline.
+train: $(STAMP)
+	$(BIN)/bigmodel launch local configs/gpt2-tiny.yaml $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all $(ARGS)

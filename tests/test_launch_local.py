@@ -1,0 +1,60 @@
+"""End to end: `bigmodel launch local` and `accelerate launch` run the one trainer with 2 processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.distributed
+
+
+def _run(argv: list[str], cwd, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_run_dir(run_dir, steps: int, stage: int) -> list[dict]:
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == steps
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == stage and ds["train_batch_size"] == 8
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
+    ckpt = run_dir / "checkpoints" / f"step_{steps:06d}"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == steps
+    assert list((ckpt / "pytorch_model").glob("*model_states.pt"))  # ZeRO-3 names one per rank
+    assert len(list((ckpt / "pytorch_model").glob("*optim_states.pt"))) == (2 if stage > 0 else 1)
+    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == steps
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records
+
+
+def test_launch_local_two_processes(tmp_path, tiny_overrides, cli_env):
+    result = _run([sys.executable, "-m", "launcher.cli", "launch", "local", str(REPO / "configs" / "gpt2-tiny.yaml"),
+                   "--nproc-per-node=2", *tiny_overrides, "--train.max_steps=6", "--train.eval_every=3",
+                   "--train.save_every=3", "--logging.wandb_mode=offline", "--name=local"], REPO, cli_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "local"
+    records = _check_run_dir(run_dir, steps=6, stage=2)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
+    assert [r["step"] for r in records if "eval/loss" in r] == [3, 6]
+    assert (run_dir / "checkpoints" / "step_000003").is_dir()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert "[rank 1/2]" not in result.stderr.split("launching", 1)[-1].split("INFO")[0]  # rank 1 stays quiet
+    assert "done: checkpoints in" in result.stderr
+
+
+def test_accelerate_launch_runs_the_same_trainer(tmp_path, tiny_overrides, cli_env):
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(REPO / "configs" / "accelerate" / "zero3.yaml"), "-m", "launcher.cli", "train",
+                  str(REPO / "configs" / "gpt2-tiny.yaml")]
+    result = _run([*accelerate, *tiny_overrides, "--train.max_steps=3", "--train.eval_every=0", "--name=acc"],
+                  REPO, cli_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_run_dir(tmp_path / "acc", steps=3, stage=3)
