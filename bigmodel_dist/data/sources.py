@@ -1,0 +1,115 @@
+"""Input corpora as a `datasets.Dataset` with one `text` column, checked file by file first.
+
+Inputs: text-like files (each file one document: .txt .py .md .rst), JSON lines and Parquet (one
+document per row, `data.text_column`), folders of those, this interpreter's standard library
+("python-stdlib", a real corpus present everywhere), or a `datasets` name for the hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+
+from bigmodel_dist.config.schema import DataConfig
+from bigmodel_dist.config.validate import PYTHON_STDLIB
+from bigmodel_dist.errors import UserInputError
+
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def input_files(data_cfg: DataConfig) -> list[Path]:
+    """Every input file, sorted, so the corpus is the same on every rank and machine."""
+    files: list[Path] = []
+    wanted = set(data_cfg.extensions) | set(TABLE_SUFFIXES)
+    for i, entry in enumerate(data_cfg.paths):
+        root = Path(sysconfig.get_paths()["stdlib"]) if entry == PYTHON_STDLIB else Path(entry)
+        if root.is_file():
+            files.append(root)
+        elif root.is_dir():
+            found = [p for p in sorted(root.rglob("*")) if p.suffix in wanted and p.is_file() and not _skipped(p, root)]
+            if not found:
+                raise UserInputError(f"data.paths[{i}] {entry}: no files ending in {sorted(wanted)}; add some or fix data.extensions")
+            files += found
+        else:
+            raise UserInputError(f"data.paths[{i}] {entry}: does not exist; give a text/jsonl/parquet file or folder")
+    return files
+
+
+def _skipped(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts  # installed packages are not the stdlib corpus
+    return "site-packages" in parts or "__pycache__" in parts or any(p.startswith(".") for p in parts)
+
+
+def check_input_files(files: list[Path], data_cfg: DataConfig) -> None:
+    """Fail on the first empty or unreadable file, naming it (before any worker starts)."""
+    for path in files:
+        if path.stat().st_size == 0:
+            raise UserInputError(f"input file {path}: is empty; remove it from data.paths")
+        if path.suffix == ".parquet":
+            _check_parquet(path, data_cfg.text_column)
+
+
+def _check_parquet(path: Path, column: str) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except Exception as exc:  # pyarrow raises several types for broken files
+        raise UserInputError(f"input file {path}: not a readable Parquet file ({type(exc).__name__}); re-export it") from None
+    if column not in schema.names:
+        raise UserInputError(f"input file {path}: no column {column!r} (has {schema.names}); set data.text_column")
+
+
+def source_fingerprint(files: list[Path], data_cfg: DataConfig) -> str:
+    """Changes when a file, its size or mtime, the byte cap or the text column changes."""
+    digest = hashlib.sha256(json.dumps([data_cfg.max_bytes, data_cfg.text_column, data_cfg.dataset]).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_text_dataset(data_cfg: DataConfig, files: list[Path], cache_dir: Path):
+    """All documents as one Dataset (column `text`), capped at `data.max_bytes` when set."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if data_cfg.dataset:  # hub path for real users; needs network or a local HF cache
+        dataset = datasets.load_dataset(data_cfg.dataset, split="train", cache_dir=str(cache_dir / "hf"))
+        dataset = dataset.select_columns([data_cfg.text_column]).rename_column(data_cfg.text_column, "text")
+    else:
+        parts = []
+        text_files = [str(p) for p in files if p.suffix not in TABLE_SUFFIXES]
+        if text_files:
+            parts.append(datasets.Dataset.from_generator(
+                _read_documents, gen_kwargs={"paths": text_files}, cache_dir=str(cache_dir / "hf"),
+                features=datasets.Features({"text": datasets.Value("string")})))
+        for builder in ("json", "parquet"):
+            table_files = [str(p) for p in files if TABLE_SUFFIXES.get(p.suffix) == builder]
+            if table_files:
+                table = datasets.load_dataset(builder, data_files=table_files, split="train", cache_dir=str(cache_dir / "hf"))
+                if data_cfg.text_column not in table.column_names:
+                    raise UserInputError(f"input files {table_files[0]}...: no {data_cfg.text_column!r} field; set data.text_column")
+                parts.append(table.select_columns([data_cfg.text_column]).rename_column(data_cfg.text_column, "text"))
+        dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return _cap_bytes(dataset, data_cfg.max_bytes)
+
+
+def _read_documents(paths: list[str]):
+    for path in paths:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+        if text.strip():
+            yield {"text": text}
+
+
+def _cap_bytes(dataset, max_bytes: int):
+    if not max_bytes:
+        return dataset
+    total = 0
+    for index, text in enumerate(dataset["text"]):
+        total += len(text.encode("utf-8"))
+        if total >= max_bytes:
+            return dataset.select(range(index + 1))
+    return dataset
