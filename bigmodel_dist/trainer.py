@@ -19,9 +19,11 @@ import torch
 from bigmodel_dist.config.loader import save_config, to_dict
 from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.config.validate import ResolvedRun
-from bigmodel_dist.data.packed import PackedData, prepare_packed_data
-from bigmodel_dist.data.sampler import ShuffledOrder, micro_batch_indices
+from bigmodel_dist.data.dataset import PackedDataset
+from bigmodel_dist.data.loader import BatchLoader
+from bigmodel_dist.data.prepare import prepare_data
 from bigmodel_dist.distributed import DistributedFacts
+from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.metrics import MetricsLogger, device_peak_tflops
 from bigmodel_dist.model_presets import flops_per_token
 from bigmodel_dist.models import build_model, weight_decay_groups
@@ -56,14 +58,15 @@ class Trainer:
         self.state = TrainState()
         accelerator = create_accelerator(resolved.deepspeed_config, self.cfg.train.precision)
         self._write_run_files(accelerator)
-        with accelerator.local_main_process_first():  # one rank per node tokenises; the rest read the cache
-            cache_dir = Path(self.cfg.data.cache_dir or Path(self.cfg.output_dir) / ".cache")
-            self.data: PackedData = prepare_packed_data(self.cfg.data, resolved.shape.vocab_size, cache_dir)
-        model = build_model(self.cfg.model, self.cfg.seed, eos_token_id=self.data.tokenizer.eos_token_id)
+        self.dataset = self._open_data(accelerator)
+        self.tokenizer = self.dataset.tokenizer()
+        model = build_model(self.cfg.model, self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id)
         self.runtime: Runtime = prepare(accelerator, model, weight_decay_groups(model, self.cfg.optim.weight_decay),
                                         self.cfg.optim.lr)
         torch.manual_seed(self.cfg.seed + 1000 * facts.rank)  # dropout differs per rank, same on every run
-        self.order = ShuffledOrder(len(self.data.train), self.cfg.seed)
+        self.loader = BatchLoader(self.dataset.train, resolved.layout, facts.rank, self.cfg.seed,
+                                  start_step=self.state.step, prefetch=self.cfg.data.prefetch,
+                                  pin_memory=torch.cuda.is_available())
         self.metrics = MetricsLogger(self.run_dir, self.cfg.logging, to_dict(self.cfg), facts.is_main,
                                      self.cfg.train.max_steps)
         self._flops_per_step = flops_per_token(resolved.shape, self.cfg.data.seq_len) * resolved.tokens_per_step
@@ -108,9 +111,27 @@ class Trainer:
         return total / self.resolved.layout.grad_accum_steps
 
     def _batch(self, step: int, micro_step: int) -> torch.Tensor:
-        indices = micro_batch_indices(self.resolved.layout, step, micro_step, self.facts.rank)
-        rows = np.stack([self.data.train[self.order[i]] for i in indices]).astype(np.int64)
-        return torch.from_numpy(rows).to(self.runtime.device)
+        return self.loader.next(step, micro_step).to(self.runtime.device, non_blocking=True)
+
+    def _open_data(self, accelerator) -> PackedDataset:
+        """Rank 0 prepares (or finds) the data first and shares any input error; then every rank opens it.
+
+        Others prepare too if they do not see rank 0's files (no shared file system): writes are atomic.
+        """
+        cache_dir = Path(self.cfg.data.cache_dir or Path(self.cfg.output_dir) / ".cache")
+        vocab = self.resolved.shape.vocab_size
+        error = [None]
+        if self.facts.is_main:
+            try:
+                prepare_data(self.cfg.data, vocab, cache_dir)
+            except UserInputError as exc:
+                error = [str(exc)]
+        torch.distributed.broadcast_object_list(error, src=0)  # every rank, so none waits forever
+        if error[0]:
+            raise UserInputError(error[0])
+        prepared = prepare_data(self.cfg.data, vocab, cache_dir, progress=False)
+        # One checksum pass per node is enough: ranks of a node read the same files.
+        return PackedDataset(prepared, verify=self.cfg.data.verify if self.facts.local_rank == 0 else "size")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -120,7 +141,7 @@ class Trainer:
         total = torch.zeros((), device=self.runtime.device)
         for batch_index in range(self.cfg.train.eval_batches):
             start = (batch_index * layout.data_parallel_size + self.facts.rank) * layout.micro_batch_size
-            rows = [self.data.val[(start + i) % len(self.data.val)] for i in range(layout.micro_batch_size)]
+            rows = [self.dataset.val[(start + i) % len(self.dataset.val)] for i in range(layout.micro_batch_size)]
             batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(self.runtime.device)
             total += engine(input_ids=batch, labels=batch).loss.float()
         mean = self.runtime.accelerator.reduce(total / self.cfg.train.eval_batches, reduction="mean")
@@ -185,7 +206,7 @@ class Trainer:
             "%d tokens/step | %d train sequences of %d tokens | run dir %s",
             self.cfg.model.preset, r.num_parameters / 1e6, r.zero_stage, self.cfg.train.precision,
             layout.global_batch_size, layout.micro_batch_size, layout.grad_accum_steps, layout.data_parallel_size,
-            r.tokens_per_step, len(self.data.train), self.cfg.data.seq_len, self.run_dir,
+            r.tokens_per_step, len(self.dataset.train), self.cfg.data.seq_len, self.run_dir,
         )
 
     def _finish(self) -> None:
@@ -198,6 +219,7 @@ class Trainer:
                      f", W&B files in {self.metrics.wandb_dir}" if self.metrics.wandb_dir else "")
 
     def close(self) -> None:
+        self.loader.close()
         self.metrics.close()
         self.runtime.accelerator.end_training()
 

@@ -40,6 +40,12 @@ def _build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--world-size", type=int, default=1, help="data-parallel ranks to plan for")
     validate.set_defaults(handler=_cmd_validate)
 
+    prepare = commands.add_parser("prepare", help="tokenise and pack the config's corpus into token shards",
+                                  epilog=OVERRIDES_HELP)
+    prepare.add_argument("config")
+    prepare.add_argument("--out", help="prepared folder (sets data.prepared_dir); default: derived in the cache")
+    prepare.set_defaults(handler=_cmd_prepare)
+
     launch = commands.add_parser("launch", help="start processes on an allocation")
     backends = launch.add_subparsers(dest="backend", required=True)
     local = backends.add_parser("local", help="torchrun on this machine", epilog=OVERRIDES_HELP)
@@ -93,6 +99,31 @@ def _cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
     resolved = resolve_run(load_config(args.config, overrides), args.world_size)
     print(format_summary(resolved))
     return 0
+
+
+def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.config.validate import resolve_run
+    from launcher.logs import setup_logging
+
+    setup_logging()
+    if args.out:
+        overrides = [*overrides, f"--data.prepared_dir={args.out}"]
+    resolved = resolve_run(load_config(args.config, overrides), world_size=1)
+    prepared = prepare_for(resolved)
+    print(prepared)
+    return 0
+
+
+def prepare_for(resolved):
+    """Prepare the run's data in this process (progress bar here, errors before any process group)."""
+    from pathlib import Path
+
+    from bigmodel_dist.data.prepare import prepare_data
+
+    cfg = resolved.config
+    cache_dir = Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache")
+    return prepare_data(cfg.data, resolved.shape.vocab_size, cache_dir)
 
 
 def format_summary(resolved) -> str:

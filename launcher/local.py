@@ -51,6 +51,9 @@ def launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, has_cuda=torch.cuda.is_available())
+    from launcher.cli import prepare_for
+
+    prepare_for(resolved)  # here, not in the workers: a progress bar, and input errors before torchrun
     command = torchrun_command(args, nproc, overrides)
     log.info("launching %d process(es) on this node: %s", nproc, " ".join(command))
     started = time.time()

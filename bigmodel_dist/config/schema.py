@@ -42,32 +42,58 @@ class ModelConfig:
             raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
+VERIFY_MODES = ("checksum", "size")
+TOKEN_DTYPES = ("auto", "uint16", "uint32")
+
+
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=lambda: ["python-stdlib"])
-    """Text files or folders to train on. "python-stdlib" is this interpreter's standard-library source,
-    a real corpus present on every machine without a download."""
-    extensions: list[str] = field(default_factory=lambda: [".py", ".txt", ".md", ".rst"])
-    """File suffixes read from folders."""
+    """Input files or folders: text-like files (one document each), .jsonl / .parquet (one per row).
+    "python-stdlib" is this interpreter's standard-library source, a real corpus on every machine."""
+    dataset: str | None = None
+    """A `datasets` hub name to read instead of `paths` (needs network or a local HF cache)."""
+    text_column: str = "text"
+    """Field holding the document text in .jsonl / .parquet rows and hub datasets."""
+    extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".rst", ".py", ".jsonl", ".parquet"])
+    """Suffixes of files read from folders: text-like ones are one document each, .jsonl/.json/.parquet
+    one per row. The python-stdlib corpus reads only text-like files."""
     max_bytes: int = 0
-    """Read at most this many bytes of text (files in sorted order); 0 reads everything."""
+    """Read at most this many bytes of text (documents in sorted order); 0 reads everything."""
     tokenizer: str | None = None
-    """Local directory of a Hugging Face fast tokenizer. None trains a byte-level BPE on the corpus."""
+    """Local folder of a Hugging Face fast tokenizer. None trains a byte-level BPE on the corpus."""
     seq_len: int = 256
     """Tokens per packed training sequence."""
     val_fraction: float = 0.02
-    """Share of packed sequences held out for evaluation."""
+    """Share of packed sequences held out for evaluation (the tail of each shard)."""
+    prepared_dir: str | None = None
+    """Folder of prepared shards (`bigmodel prepare` writes it); default: derived under cache_dir."""
     cache_dir: str | None = None
-    """Where tokenised data and trained tokenizers are cached; default `<output_dir>/.cache`."""
+    """Where trained tokenizers, prepared data and `datasets` caches go; default `<output_dir>/.cache`."""
+    num_proc: int = 0
+    """Tokeniser threads for preparation; 0 uses every core."""
+    shard_bytes: int = 256 * 2**20
+    """Text bytes per prepared shard: the unit of parallel work and of skip-on-rerun."""
+    token_dtype: str = "auto"
+    """Token storage: auto (uint16 when the vocabulary fits, else uint32), uint16 or uint32."""
+    verify: str = "checksum"
+    """At start-up each node checks shard checksums (checksum) or only their sizes (size, faster)."""
+    prefetch: int = 4
+    """Micro-batches the loader thread prepares ahead of the trainer."""
 
     def check(self) -> None:
-        if not self.paths:
+        if not self.paths and not self.dataset:
             raise ConfigError("data.paths", "is empty; give at least one file or folder (or python-stdlib)")
-        _require_positive("data", seq_len=self.seq_len)
-        if self.max_bytes < 0:
-            raise ConfigError("data.max_bytes", f"must be >= 0 (0 = everything), got {self.max_bytes}")
+        _require_positive("data", seq_len=self.seq_len, shard_bytes=self.shard_bytes, prefetch=self.prefetch)
+        for name in ("max_bytes", "num_proc"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}", f"must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError("data.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError("data.verify", f"must be one of {list(VERIFY_MODES)}, got {self.verify!r}")
+        if self.token_dtype not in TOKEN_DTYPES:
+            raise ConfigError("data.token_dtype", f"must be one of {list(TOKEN_DTYPES)}, got {self.token_dtype!r}")
 
 
 @dataclass

@@ -23,7 +23,6 @@ from bigmodel_dist.config.schema import Config
 from bigmodel_dist.errors import ConfigError
 from bigmodel_dist.model_presets import ModelShape, count_parameters, model_shape
 
-PYTHON_STDLIB = "python-stdlib"
 
 
 @dataclass(frozen=True)
@@ -87,9 +86,11 @@ def model_state_bytes_per_rank(num_params: int, zero_stage: int, precision: str,
 
 
 def _check_data_paths(cfg: Config) -> None:
-    for i, entry in enumerate(cfg.data.paths):
-        if entry != PYTHON_STDLIB and not Path(entry).exists():
-            raise ConfigError(f"data.paths[{i}]", f"{entry} does not exist; give a text file or folder (or {PYTHON_STDLIB})")
+    from bigmodel_dist.data.sources import check_input_files, input_files
+
+    prepared = cfg.data.prepared_dir
+    if not cfg.data.dataset and not (prepared and Path(prepared, "meta.json").is_file()):
+        check_input_files(input_files(cfg.data), cfg.data)  # prepared data is checked when it is opened
     if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer, "tokenizer.json").is_file():
         raise ConfigError(
             "data.tokenizer", f"{cfg.data.tokenizer} holds no tokenizer.json; give a saved fast tokenizer folder or null"

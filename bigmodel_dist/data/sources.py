@@ -13,24 +13,30 @@ import sysconfig
 from pathlib import Path
 
 from bigmodel_dist.config.schema import DataConfig
-from bigmodel_dist.config.validate import PYTHON_STDLIB
 from bigmodel_dist.errors import UserInputError
 
+PYTHON_STDLIB = "python-stdlib"
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def input_files(data_cfg: DataConfig) -> list[Path]:
     """Every input file, sorted, so the corpus is the same on every rank and machine."""
     files: list[Path] = []
-    wanted = set(data_cfg.extensions) | set(TABLE_SUFFIXES)
     for i, entry in enumerate(data_cfg.paths):
+        wanted = set(data_cfg.extensions)
+        if entry == PYTHON_STDLIB:  # its .json files are test fixtures, not corpora
+            wanted -= set(TABLE_SUFFIXES)
         root = Path(sysconfig.get_paths()["stdlib"]) if entry == PYTHON_STDLIB else Path(entry)
         if root.is_file():
+            if root.stat().st_size == 0:
+                raise UserInputError(f"data.paths[{i}] {entry}: is empty; remove it from data.paths")
             files.append(root)
-        elif root.is_dir():
-            found = [p for p in sorted(root.rglob("*")) if p.suffix in wanted and p.is_file() and not _skipped(p, root)]
+        elif root.is_dir():  # empty files inside folders (package __init__.py) are skipped
+            found = [p for p in sorted(root.rglob("*"))
+                     if p.suffix in wanted and p.is_file() and not _skipped(p, root) and p.stat().st_size]
             if not found:
-                raise UserInputError(f"data.paths[{i}] {entry}: no files ending in {sorted(wanted)}; add some or fix data.extensions")
+                raise UserInputError(f"data.paths[{i}] {entry}: no non-empty files ending in {sorted(wanted)}; "
+                                     "add some or fix data.extensions")
             files += found
         else:
             raise UserInputError(f"data.paths[{i}] {entry}: does not exist; give a text/jsonl/parquet file or folder")
@@ -43,12 +49,23 @@ def _skipped(path: Path, root: Path) -> bool:
 
 
 def check_input_files(files: list[Path], data_cfg: DataConfig) -> None:
-    """Fail on the first empty or unreadable file, naming it (before any worker starts)."""
+    """Fail on the first unreadable table file, naming it (before any process starts)."""
     for path in files:
-        if path.stat().st_size == 0:
-            raise UserInputError(f"input file {path}: is empty; remove it from data.paths")
         if path.suffix == ".parquet":
             _check_parquet(path, data_cfg.text_column)
+        elif path.suffix in (".jsonl", ".json"):
+            _check_jsonl(path, data_cfg.text_column)
+
+
+def _check_jsonl(path: Path, column: str) -> None:
+    with open(path, "rb") as handle:
+        first = handle.readline()
+    try:
+        row = json.loads(first)
+    except ValueError:
+        raise UserInputError(f"input file {path}: line 1 is not JSON; give one JSON object per line") from None
+    if not isinstance(row, dict) or column not in row:
+        raise UserInputError(f"input file {path}: line 1 has no {column!r} field; set data.text_column")
 
 
 def _check_parquet(path: Path, column: str) -> None:
@@ -71,33 +88,45 @@ def source_fingerprint(files: list[Path], data_cfg: DataConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_text_dataset(data_cfg: DataConfig, files: list[Path], cache_dir: Path):
+def load_text_dataset(data_cfg: DataConfig, files: list[Path], cache_dir: Path, source_fp: str):
     """All documents as one Dataset (column `text`), capped at `data.max_bytes` when set."""
     import datasets
 
     datasets.disable_progress_bars()
     if data_cfg.dataset:  # hub path for real users; needs network or a local HF cache
         dataset = datasets.load_dataset(data_cfg.dataset, split="train", cache_dir=str(cache_dir / "hf"))
-        dataset = dataset.select_columns([data_cfg.text_column]).rename_column(data_cfg.text_column, "text")
+        dataset = _text_only(dataset, data_cfg.text_column)
     else:
         parts = []
         text_files = [str(p) for p in files if p.suffix not in TABLE_SUFFIXES]
         if text_files:
             parts.append(datasets.Dataset.from_generator(
-                _read_documents, gen_kwargs={"paths": text_files}, cache_dir=str(cache_dir / "hf"),
+                _read_documents, gen_kwargs={"paths": text_files, "source_fp": source_fp}, cache_dir=str(cache_dir / "hf"),
                 features=datasets.Features({"text": datasets.Value("string")})))
         for builder in ("json", "parquet"):
             table_files = [str(p) for p in files if TABLE_SUFFIXES.get(p.suffix) == builder]
             if table_files:
-                table = datasets.load_dataset(builder, data_files=table_files, split="train", cache_dir=str(cache_dir / "hf"))
+                try:
+                    table = datasets.load_dataset(builder, data_files=table_files, split="train",
+                                                  cache_dir=str(cache_dir / "hf"))
+                except datasets.exceptions.DatasetGenerationError as exc:
+                    cause = exc.__cause__ or exc
+                    raise UserInputError(f"input files {table_files[0]} (+{len(table_files) - 1} more): unreadable "
+                                         f"as {builder} ({type(cause).__name__}); fix or remove the bad file") from None
                 if data_cfg.text_column not in table.column_names:
                     raise UserInputError(f"input files {table_files[0]}...: no {data_cfg.text_column!r} field; set data.text_column")
-                parts.append(table.select_columns([data_cfg.text_column]).rename_column(data_cfg.text_column, "text"))
+                parts.append(_text_only(table, data_cfg.text_column))
         dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return _cap_bytes(dataset, data_cfg.max_bytes)
 
 
-def _read_documents(paths: list[str]):
+def _text_only(dataset, column: str):
+    dataset = dataset.select_columns([column])
+    return dataset if column == "text" else dataset.rename_column(column, "text")
+
+
+def _read_documents(paths: list[str], source_fp: str):
+    del source_fp  # only part of the datasets cache key: a changed file is re-read
     for path in paths:
         text = Path(path).read_bytes().decode("utf-8", errors="replace")
         if text.strip():

@@ -1,0 +1,70 @@
+"""Per-rank micro-batches in training order, prepared ahead by a background thread.
+
+The position in the data is one number, the global samples consumed (`step * global_batch_size`),
+so a loader rebuilt at any step, on any world size with the same global batch, continues exactly.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from bigmodel_dist.config.deepspeed import BatchLayout
+from bigmodel_dist.data.sampler import ShuffledOrder, micro_batch_indices
+
+
+def micro_batch(rows, order: ShuffledOrder, layout: BatchLayout, step: int, micro_step: int, rank: int) -> np.ndarray:
+    indices = micro_batch_indices(layout, step, micro_step, rank)
+    return np.stack([rows[order[i]] for i in indices]).astype(np.int64)
+
+
+class BatchLoader:
+    """Yields this rank's micro-batches from `start_step` on, `prefetch` ahead of the consumer."""
+
+    def __init__(self, rows, layout: BatchLayout, rank: int, seed: int, start_step: int = 0,
+                 prefetch: int = 4, pin_memory: bool = False):
+        self._rows, self._layout, self._rank = rows, layout, rank
+        self._order = ShuffledOrder(len(rows), seed)
+        self._pin = pin_memory
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(start_step,), daemon=True, name="batch-loader")
+        self._thread.start()
+
+    def _positions(self, start_step: int) -> Iterator[tuple[int, int]]:
+        step = start_step
+        while True:
+            for micro_step in range(self._layout.grad_accum_steps):
+                yield step, micro_step
+            step += 1
+
+    def _fill(self, start_step: int) -> None:
+        try:
+            for step, micro_step in self._positions(start_step):
+                batch = torch.from_numpy(micro_batch(self._rows, self._order, self._layout, step, micro_step, self._rank))
+                item = (step, micro_step, batch.pin_memory() if self._pin else batch)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # surfaced to the consumer, not lost in the thread
+            self._queue.put((-1, -1, exc))
+
+    def next(self, step: int, micro_step: int) -> torch.Tensor:
+        got_step, got_micro, batch = self._queue.get()
+        if isinstance(batch, BaseException):
+            raise batch
+        assert (got_step, got_micro) == (step, micro_step), f"loader at {(got_step, got_micro)}, trainer at {(step, micro_step)}"
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,249 @@
+"""Tokenise a corpus and pack it into memory-mapped token shards (`bigmodel prepare`, or on first train).
+
+Layout of a prepared folder:
+    meta.json            format version, tokenizer + source fingerprints, seq_len, dtype, counts, shards
+    tokenizer/           the tokenizer the ids came from (saved with the data, used by export)
+    shard-00000.bin      (num_sequences, seq_len) tokens, raw little-endian uint16/uint32
+    shard-00000.json     the shard's key, counts and checksum: written after its .bin, so a shard
+                         without one is incomplete and is redone; a complete one is skipped on rerun
+Documents are joined with EOS and packed into fixed-length sequences per shard (a shard's last partial
+sequence is dropped); the last `val_fraction` of each shard's sequences is the validation split.
+Every file is written to a temp name, fsynced and renamed: a killed run leaves nothing later trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bigmodel_dist.config.schema import DataConfig
+from bigmodel_dist.data.sources import check_input_files, input_files, load_text_dataset, source_fingerprint
+from bigmodel_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from bigmodel_dist.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DOCS_PER_BATCH = 512
+
+
+def prepare_data(data_cfg: DataConfig, model_vocab_size: int, cache_dir: Path, progress: bool = True) -> Path:
+    """The prepared folder for this data config, built (or completed) if needed. Idempotent."""
+    if data_cfg.num_proc:  # tokenizers' Rust pool reads this once, at its first parallel call
+        os.environ["RAYON_NUM_THREADS"] = str(data_cfg.num_proc)
+    if data_cfg.prepared_dir and (Path(data_cfg.prepared_dir) / "meta.json").is_file():
+        return _reuse_prepared(Path(data_cfg.prepared_dir), data_cfg, model_vocab_size)
+    files = [] if data_cfg.dataset else input_files(data_cfg)
+    check_input_files(files, data_cfg)
+    source_fp = source_fingerprint(files, data_cfg)
+    dataset = _Lazy(lambda: load_text_dataset(data_cfg, files, cache_dir, source_fp))
+    tokenizer = _obtain_tokenizer(data_cfg, dataset, model_vocab_size, cache_dir, source_fp)
+    dtype = _token_dtype(data_cfg, len(tokenizer))
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "source_fingerprint": source_fp,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "seq_len": data_cfg.seq_len,
+        "val_fraction": data_cfg.val_fraction,
+        "dtype": np.dtype(dtype).name,
+    }
+    out = Path(data_cfg.prepared_dir) if data_cfg.prepared_dir else cache_dir / f"prepared-{_hash(identity)}"
+    if (out / "meta.json").is_file():  # a derived folder's name is its identity
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "tokenizer" / "tokenizer.json").is_file():
+        _save_tokenizer_atomically(tokenizer, out / "tokenizer")
+    num_shards = max(1, math.ceil(dataset().data.nbytes / data_cfg.shard_bytes))
+    shards = []
+    for index in _progress(range(num_shards), progress, "prepare"):
+        shard_key = _hash({**identity, "shard": index, "num_shards": num_shards})
+        shards.append(_existing_shard(out, index, shard_key) or
+                      _write_shard(out, index, shard_key, dataset().shard(num_shards, index, contiguous=True),
+                                   tokenizer, dtype, data_cfg))
+    meta = {
+        **identity,
+        "tokenizer_vocab_size": len(tokenizer),
+        "num_tokens": sum(s["num_sequences"] for s in shards) * data_cfg.seq_len,
+        "num_train_sequences": sum(s["num_sequences"] - s["num_val"] for s in shards),
+        "num_val_sequences": sum(s["num_val"] for s in shards),
+        "shards": shards,
+    }
+    if meta["num_train_sequences"] < 1 or meta["num_val_sequences"] < 1:
+        raise UserInputError(f"data.paths {data_cfg.paths}: too little text for one training and one validation "
+                             f"sequence of {data_cfg.seq_len} tokens; add text or lower data.seq_len")
+    write_json_atomically(out / "meta.json", meta)
+    log.info("prepared %s: %d tokens, %d train + %d val sequences in %d shard(s)", out, meta["num_tokens"],
+             meta["num_train_sequences"], meta["num_val_sequences"], len(shards))
+    return out
+
+
+def _reuse_prepared(prepared: Path, data_cfg: DataConfig, model_vocab_size: int) -> Path:
+    """An explicit, complete prepared folder: check it against what the config asks, never rebuild it."""
+    wanted: dict[str, Any] = {"seq_len": data_cfg.seq_len, "val_fraction": data_cfg.val_fraction}
+    if data_cfg.tokenizer is not None:
+        wanted["tokenizer_fingerprint"] = tokenizer_fingerprint(load_tokenizer(data_cfg.tokenizer))
+    sources_here = data_cfg.dataset is None and all(
+        p == "python-stdlib" or Path(p).exists() for p in data_cfg.paths)
+    if sources_here:  # data prepared on another machine may not have its sources here
+        wanted["source_fingerprint"] = source_fingerprint(input_files(data_cfg), data_cfg)
+    meta = read_meta(prepared)
+    check_compatible(meta, wanted, prepared)
+    if meta["tokenizer_vocab_size"] > model_vocab_size:
+        raise UserInputError(f"prepared data {prepared / 'meta.json'}: its tokenizer has {meta['tokenizer_vocab_size']} "
+                             f"tokens, more than the model's vocabulary of {model_vocab_size}; raise model.vocab_size")
+    return prepared
+
+
+class _Lazy:
+    """Load the corpus only when something needs it (a cached tokenizer and complete data do not)."""
+
+    def __init__(self, load):
+        self._load, self._value = load, None
+
+    def __call__(self):
+        if self._value is None:
+            self._value = self._load()
+        return self._value
+
+
+def read_meta(prepared: Path) -> dict[str, Any]:
+    path = prepared / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserInputError(f"prepared data {path}: missing or unreadable; run `bigmodel prepare` again") from None
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserInputError(f"prepared data {path}: format {meta['format_version']} is newer than this bigmodel "
+                             f"(reads {FORMAT_VERSION}); upgrade bigmodel-dist")
+    return meta
+
+
+def check_compatible(meta: dict[str, Any], wanted: dict[str, Any], prepared: Path) -> None:
+    """Refuse (never overwrite) prepared data made for another tokenizer, length or corpus."""
+    fixes = {"tokenizer_fingerprint": "data.tokenizer", "seq_len": "data.seq_len", "source_fingerprint": "data.paths",
+             "val_fraction": "data.val_fraction", "dtype": "data.token_dtype"}
+    for field, config_field in fixes.items():
+        if field in wanted and meta.get(field) != wanted[field]:
+            raise UserInputError(
+                f"prepared data {prepared / 'meta.json'}: made with {field}={meta.get(field)!r}, the config asks "
+                f"{wanted[field]!r}; set data.prepared_dir to a new folder (or match {config_field})"
+            )
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    _write_atomically(path, json.dumps(payload, indent=1).encode())
+
+
+def file_checksum(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _obtain_tokenizer(data_cfg: DataConfig, dataset: _Lazy, vocab_size: int, cache_dir: Path, source_fp: str):
+    if data_cfg.tokenizer is not None:
+        tokenizer = load_tokenizer(data_cfg.tokenizer)
+    else:
+        folder = cache_dir / f"tokenizer-bpe{vocab_size}-{source_fp}"
+        if (folder / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(folder)
+        else:
+            log.info("training a byte-level BPE tokenizer (vocab %d) on the corpus", vocab_size)
+            texts = (batch["text"] for batch in dataset().iter(batch_size=DOCS_PER_BATCH))
+            tokenizer = train_bpe_tokenizer(texts, vocab_size, folder)
+    if len(tokenizer) > vocab_size:
+        raise UserInputError(f"tokenizer {data_cfg.tokenizer}: {len(tokenizer)} tokens do not fit the model's "
+                             f"vocabulary of {vocab_size}; raise model.vocab_size")
+    return tokenizer
+
+
+def _token_dtype(data_cfg: DataConfig, vocab: int) -> type:
+    fits16 = vocab <= np.iinfo(np.uint16).max + 1
+    if data_cfg.token_dtype == "uint16" and not fits16:
+        raise UserInputError(f"data.token_dtype: uint16 holds 65536 ids but the tokenizer has {vocab}; use uint32 or auto")
+    if data_cfg.token_dtype == "auto":
+        return np.uint16 if fits16 else np.uint32
+    return np.dtype(data_cfg.token_dtype).type
+
+
+def _existing_shard(out: Path, index: int, shard_key: str) -> dict[str, Any] | None:
+    sidecar = out / f"shard-{index:05d}.json"
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    data = out / info.get("file", "")
+    if info.get("key") != shard_key or not data.is_file() or data.stat().st_size != info.get("num_bytes"):
+        return None
+    return info
+
+
+def _write_shard(out: Path, index: int, shard_key: str, part, tokenizer, dtype, data_cfg: DataConfig) -> dict:
+    backend = tokenizer.backend_tokenizer
+    eos = np.array([tokenizer.eos_token_id], dtype=dtype)
+    pieces: list[np.ndarray] = []
+    for batch in part.iter(batch_size=DOCS_PER_BATCH):
+        for encoding in backend.encode_batch_fast(batch["text"], add_special_tokens=False):
+            pieces.append(np.asarray(encoding.ids, dtype=dtype))
+            pieces.append(eos)
+    tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
+    num_sequences = len(tokens) // data_cfg.seq_len
+    name = f"shard-{index:05d}.bin"
+    _write_atomically(out / name, tokens[: num_sequences * data_cfg.seq_len].tobytes())
+    info = {
+        "file": name,
+        "key": shard_key,
+        "num_sequences": num_sequences,
+        "num_val": math.ceil(num_sequences * data_cfg.val_fraction) if num_sequences >= 2 else 0,
+        "num_bytes": num_sequences * data_cfg.seq_len * np.dtype(dtype).itemsize,
+        "checksum": file_checksum(out / name),
+    }
+    write_json_atomically(out / f"shard-{index:05d}.json", info)
+    return info
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_tokenizer_atomically(tokenizer, folder: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tokenizer."))
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # a concurrent preparer put the same tokenizer there first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hash(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="shard", disable=None, file=sys.stderr)
