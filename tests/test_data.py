@@ -1,0 +1,225 @@
+"""Data pipeline: prepare (round trip, idempotence, bad input), exact resumable per-rank loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bigmodel_dist.config import load_config
+from bigmodel_dist.config.deepspeed import BatchLayout
+from bigmodel_dist.data.dataset import PackedDataset
+from bigmodel_dist.data.loader import BatchLoader, micro_batch
+from bigmodel_dist.data.prepare import prepare_data
+from bigmodel_dist.data.sampler import ShuffledOrder
+from bigmodel_dist.errors import UserInputError
+
+from .conftest import REPO
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small real corpus: a few stdlib modules as text files, and the same text as JSON lines."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "text").mkdir()
+    for name in ("json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "shlex.py", "fnmatch.py"):
+        (root / "text" / name.replace("/", "_")).write_text((STDLIB / name).read_text())
+    return root / "text"
+
+
+def _data_cfg(corpus: Path, **fields):
+    overrides = [f"--data.paths=[{corpus}]", "--data.seq_len=64"] + [f"--data.{k}={v}" for k, v in fields.items()]
+    return load_config(None, overrides).data
+
+
+def test_round_trip_decode_reproduces_documents_joined_by_eos(corpus, tmp_path):
+    prepared = prepare_data(_data_cfg(corpus), 512, tmp_path, progress=False)
+    data = PackedDataset(prepared)
+    tokens = np.concatenate([data.train[i] for i in range(len(data.train))] + [data.val[i] for i in range(len(data.val))])
+    decoded = data.tokenizer().decode(tokens.tolist())
+    docs = [p.read_text() for p in sorted(corpus.iterdir())]
+    joined = "".join(doc + "<|endoftext|>" for doc in docs)
+    assert len(decoded) > 0.95 * len(joined)  # only the last partial sequence is dropped
+    assert joined.startswith(decoded[:-8])  # a trailing token may end inside a character
+    assert data.meta["dtype"] == "uint16" and data.meta["seq_len"] == 64
+
+
+def test_prepare_is_idempotent_and_redoes_only_incomplete_shards(corpus, tmp_path):
+    cfg = _data_cfg(corpus, shard_bytes=20000, prepared_dir=tmp_path / "prep")
+    prepared = prepare_data(cfg, 512, tmp_path, progress=False)
+    shards = sorted(prepared.glob("shard-*.bin"))
+    assert len(shards) >= 3
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards}
+    # a killed run: meta.json not yet written, one shard's sidecar missing, a stray temp file
+    (prepared / "meta.json").unlink()
+    (prepared / "shard-00001.json").unlink()
+    (prepared / ".shard-00002.bin.x.tmp").write_bytes(b"half")
+    prepare_data(cfg, 512, tmp_path, progress=False)
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(prepared.glob("shard-*.bin"))}
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name][1] == before[name][1]  # same bytes
+        assert (after[name][0] == before[name][0]) == (name != "shard-00001.bin")  # only the incomplete one redone
+    PackedDataset(prepared)  # checksums match
+
+
+def test_jsonl_and_parquet_inputs(corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [p.read_text() for p in sorted(corpus.iterdir())]
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs[:3]))
+    pq.write_table(pa.table({"content": docs[3:]}), folder / "b.parquet")
+    data = PackedDataset(prepare_data(_data_cfg(folder, text_column="content"), 512, tmp_path, progress=False))
+    assert len(data.train) > 100
+
+
+def _ranks_samples(rows, layout, seed, steps, start=0):
+    order = ShuffledOrder(len(rows), seed)
+    return [[int(x) for r in range(layout.data_parallel_size) for m in range(layout.grad_accum_steps)
+             for x in micro_batch(rows, order, layout, s, m, r)[:, 0]] for s in range(start, start + steps)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_simulated_ranks_are_disjoint_and_complete_per_epoch(world):
+    rows = np.arange(48).reshape(48, 1)  # row i holds token i: a batch shows which rows it took
+    layout = BatchLayout(12, 1, 12 // world, world)
+    for epoch in range(2):
+        seen = [x for step in _ranks_samples(rows, layout, 5, 4, start=4 * epoch) for x in step]
+        assert sorted(seen) == list(range(48))
+
+
+def test_loader_resume_continues_with_identical_batches():
+    rows = np.arange(100 * 8).reshape(100, 8)
+    layout = BatchLayout(8, 2, 2, 2)
+    straight = BatchLoader(rows, layout, rank=1, seed=3)
+    expected = [straight.next(s, m).numpy() for s in range(6) for m in range(2)]
+    straight.close()
+    first = BatchLoader(rows, layout, rank=1, seed=3)
+    got = [first.next(s, m).numpy() for s in range(3) for m in range(2)]
+    first.close()
+    resumed = BatchLoader(rows, layout, rank=1, seed=3, start_step=3)  # the cursor: 3 steps x 8 samples
+    got += [resumed.next(s, m).numpy() for s in range(3, 6) for m in range(2)]
+    resumed.close()
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 3)])
+def test_resume_on_another_world_size_repeats_and_skips_nothing(before, after):
+    rows = np.arange(90).reshape(90, 1)
+    global_batch = 6
+    straight = _ranks_samples(rows, BatchLayout(global_batch, 1, global_batch // before, before), 9, 10)
+    first = _ranks_samples(rows, BatchLayout(global_batch, 1, global_batch // before, before), 9, 4)
+    rest = _ranks_samples(rows, BatchLayout(global_batch, 1, global_batch // after, after), 9, 6, start=4)
+    assert [sorted(s) for s in first + rest] == [sorted(s) for s in straight]
+    consumed = [x for s in first + rest for x in s]
+    assert sorted(consumed) == sorted(set(consumed)) and len(consumed) == 60  # 60 of 90: none twice
+
+
+def _prepare_cli(args: list[str], cwd: Path, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", str(REPO / "configs" / "gpt2-tiny.yaml"),
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _one_line_error(result, *needles) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and " INFO " not in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_line(tmp_path, cli_env):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _one_line_error(_prepare_cli([f"--data.paths=[{empty}]", f"--output_dir={tmp_path}"], tmp_path, cli_env),
+                    "empty.txt", "empty")
+    _one_line_error(_prepare_cli([f"--data.paths=[{tmp_path / 'absent'}]"], tmp_path, cli_env), "absent", "does not exist")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    _one_line_error(_prepare_cli([f"--data.paths=[{broken}]"], tmp_path, cli_env), "x.parquet", "Parquet")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text("{not json\n")
+    _one_line_error(_prepare_cli([f"--data.paths=[{bad_json}]"], tmp_path, cli_env), "bad.jsonl", "not JSON")
+
+
+def test_tokenizer_too_big_for_uint16_is_rejected(corpus, tmp_path, cli_env):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(70000)} | {"<unk>": 70000, "<|endoftext|>": 70001}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(str(tmp_path / "big"))
+    result = _prepare_cli([f"--data.paths=[{corpus}]", f"--data.tokenizer={tmp_path / 'big'}",
+                           "--data.token_dtype=uint16", "--model.vocab_size=70016", f"--output_dir={tmp_path}"],
+                          tmp_path, cli_env)
+    _one_line_error(result, "data.token_dtype", "70002")
+    result = _prepare_cli([f"--data.paths=[{corpus}]", f"--data.tokenizer={tmp_path / 'big'}",
+                           f"--output_dir={tmp_path}"], tmp_path, cli_env)
+    _one_line_error(result, "70002", "model.vocab_size")
+
+
+def test_prepared_data_for_another_config_is_refused_and_kept(corpus, tmp_path, cli_env):
+    out = tmp_path / "prep"
+    assert _prepare_cli([f"--data.paths=[{corpus}]", "--data.seq_len=64", f"--out={out}",
+                         f"--output_dir={tmp_path}"], tmp_path, cli_env).returncode == 0
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    result = _prepare_cli([f"--data.paths=[{corpus}]", "--data.seq_len=128", f"--out={out}",
+                           f"--output_dir={tmp_path}"], tmp_path, cli_env)
+    _one_line_error(result, "meta.json", "seq_len=64", "128")
+    other_tok = tmp_path / "othertok"
+    PackedDataset(out).tokenizer().save_pretrained(str(other_tok))
+    (other_tok / "tokenizer.json").write_text((other_tok / "tokenizer.json").read_text().replace('"<|endoftext|>"', '"<|eot|>"'))
+    result = _prepare_cli([f"--data.paths=[{corpus}]", "--data.seq_len=64", f"--out={out}", f"--data.tokenizer={other_tok}",
+                           f"--output_dir={tmp_path}"], tmp_path, cli_env)
+    _one_line_error(result, "meta.json", "tokenizer_fingerprint")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == snapshot
+
+
+def test_corrupt_and_truncated_shards_are_named(corpus, tmp_path, cli_env):
+    out = tmp_path / "prep"
+    args = [f"--data.paths=[{corpus}]", "--data.seq_len=64", f"--out={out}", f"--output_dir={tmp_path}"]
+    assert _prepare_cli(args, tmp_path, cli_env).returncode == 0
+    shard = out / "shard-00000.bin"
+    payload = bytearray(shard.read_bytes())
+    payload[100] ^= 0xFF
+    shard.write_bytes(bytes(payload))
+    _one_line_error(_prepare_cli(args, tmp_path, cli_env), "shard-00000.bin", "checksum")
+    with pytest.raises(UserInputError, match="checksum"):
+        PackedDataset(out)
+    shard.write_bytes(bytes(payload[:-10]))
+    with pytest.raises(UserInputError, match="truncated"):
+        PackedDataset(out, verify="size")
+    assert shard.stat().st_size == len(payload) - 10  # reported, never "repaired" behind the user's back
+
+
+@pytest.mark.distributed
+def test_prepare_then_train_two_ranks_zero2(corpus, tmp_path, cli_env):
+    from .conftest import TINY
+    from .spawn import run_distributed
+    from .workers import train_and_collect
+
+    out = tmp_path / "prep"
+    assert _prepare_cli([f"--data.paths=[{corpus}]", "--data.seq_len=128", "--data.max_bytes=400000", f"--out={out}",
+                         f"--output_dir={tmp_path}"], tmp_path, cli_env).returncode == 0
+    overrides = [*TINY, f"--output_dir={tmp_path}", f"--data.prepared_dir={out}", f"--data.paths=[{corpus}]",
+                 "--deepspeed.config=zero2", "--train.max_steps=8", "--train.eval_every=4", "--name=e2e"]
+    losses = run_distributed(train_and_collect, 2, overrides)[0]["losses"]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.1
+    assert os.listdir(out)  # training read the prepared folder; it did not rebuild elsewhere
+    assert not list(tmp_path.glob(".cache/prepared-*"))
