@@ -101,7 +101,7 @@ def load_text_dataset(data_cfg: DataConfig, files: list[Path], cache_dir: Path, 
         text_files = [str(p) for p in files if p.suffix not in TABLE_SUFFIXES]
         if text_files:
             parts.append(datasets.Dataset.from_generator(
-                _read_documents, gen_kwargs={"paths": text_files, "source_fp": source_fp}, cache_dir=str(cache_dir / "hf"),
+                _read_documents, gen_kwargs={"paths": text_files, "source_fp": source_fp, "max_bytes": data_cfg.max_bytes}, cache_dir=str(cache_dir / "hf"),
                 features=datasets.Features({"text": datasets.Value("string")})))
         for builder in ("json", "parquet"):
             table_files = [str(p) for p in files if TABLE_SUFFIXES.get(p.suffix) == builder]
@@ -125,20 +125,26 @@ def _text_only(dataset, column: str):
     return dataset if column == "text" else dataset.rename_column(column, "text")
 
 
-def _read_documents(paths: list[str], source_fp: str):
+def _read_documents(paths: list[str], source_fp: str, max_bytes: int):
     del source_fp  # only part of the datasets cache key: a changed file is re-read
+    total = 0
     for path in paths:
-        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+        raw = Path(path).read_bytes()
+        text = raw.decode("utf-8", errors="replace")
         if text.strip():
             yield {"text": text}
+            total += len(raw)
+            if max_bytes and total >= max_bytes:  # stop reading early, not after loading everything
+                return
 
 
 def _cap_bytes(dataset, max_bytes: int):
+    """The first documents holding `max_bytes` of UTF-8 text (computed in Arrow, not in Python)."""
     if not max_bytes:
         return dataset
-    total = 0
-    for index, text in enumerate(dataset["text"]):
-        total += len(text.encode("utf-8"))
-        if total >= max_bytes:
-            return dataset.select(range(index + 1))
-    return dataset
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = pc.binary_length(pc.cast(dataset.data.column("text"), "binary")).to_numpy(zero_copy_only=False)
+    cut = int(np.searchsorted(np.cumsum(lengths), max_bytes)) + 1
+    return dataset if cut >= len(dataset) else dataset.select(range(cut))
