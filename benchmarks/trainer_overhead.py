@@ -24,7 +24,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _worker(args: argparse.Namespace) -> None:
-    import numpy as np
     import torch
 
     from bigmodel_dist.config import load_config

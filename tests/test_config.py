@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -111,9 +112,8 @@ def test_unwritable_nvme_offload_dir_is_rejected(tmp_path, cli_env):
     ds = tmp_path / "ds.json"
     blocked = tmp_path / "blocked"
     blocked.write_text("a file, not a folder")
-    ds.write_text(
-        '{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "%s/sub"}}}' % blocked
-    )
+    offload = {"device": "nvme", "nvme_path": f"{blocked}/sub"}
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": offload}}))
     result = _cli(["validate", str(REPO / "configs" / "gpt2-tiny.yaml"), f"--deepspeed.config={ds}"], tmp_path, cli_env)
     assert result.returncode == 2
     assert "nvme_path" in result.stderr and "not writable" in result.stderr

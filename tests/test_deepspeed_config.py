@@ -7,7 +7,11 @@ import json
 import pytest
 
 from bigmodel_dist.config import load_config
-from bigmodel_dist.config.deepspeed import SHIPPED_DEEPSPEED_DIR, derive_batch_layout, resolve_deepspeed_config
+from bigmodel_dist.config.deepspeed import (
+    SHIPPED_DEEPSPEED_DIR,
+    derive_batch_layout,
+    resolve_deepspeed_config,
+)
 from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.errors import ConfigError, UserInputError
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
 
 def train_and_collect(overrides: list[str]) -> dict:
     """Train with the real Trainer; return per-step losses and (rank 0) the full fp32 parameters."""

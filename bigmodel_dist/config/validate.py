@@ -24,7 +24,6 @@ from bigmodel_dist.errors import ConfigError
 from bigmodel_dist.model_presets import ModelShape, count_parameters, model_shape
 
 
-
 @dataclass(frozen=True)
 class ResolvedRun:
     config: Config

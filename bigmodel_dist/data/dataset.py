@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bigmodel_dist.data.prepare import file_checksum, read_meta
+from bigmodel_dist.data.prepare import read_meta
 from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.fileio import file_checksum
 
 
 class PackedDataset:

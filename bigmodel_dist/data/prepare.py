@@ -29,6 +29,7 @@ from bigmodel_dist.config.schema import DataConfig
 from bigmodel_dist.data.sources import check_input_files, input_files, load_text_dataset, source_fingerprint
 from bigmodel_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.fileio import file_checksum, write_bytes_atomically, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +140,6 @@ def check_compatible(meta: dict[str, Any], wanted: dict[str, Any], prepared: Pat
             )
 
 
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    _write_atomically(path, json.dumps(payload, indent=1).encode())
-
-
-def file_checksum(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _obtain_tokenizer(data_cfg: DataConfig, dataset: _Lazy, vocab_size: int, cache_dir: Path, source_fp: str):
@@ -200,7 +191,7 @@ def _write_shard(out: Path, index: int, shard_key: str, part, tokenizer, dtype, 
     tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
     num_sequences = len(tokens) // data_cfg.seq_len
     name = f"shard-{index:05d}.bin"
-    _write_atomically(out / name, tokens[: num_sequences * data_cfg.seq_len].tobytes())
+    write_bytes_atomically(out / name, tokens[: num_sequences * data_cfg.seq_len].tobytes())
     info = {
         "file": name,
         "key": shard_key,
@@ -213,17 +204,6 @@ def _write_shard(out: Path, index: int, shard_key: str, part, tokenizer, dtype, 
     return info
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_tokenizer_atomically(tokenizer, folder: Path) -> None:
