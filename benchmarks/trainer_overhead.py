@@ -39,7 +39,7 @@ def _worker(args: argparse.Namespace) -> None:
         f"--model.preset={args.preset}", f"--deepspeed.zero_stage={args.zero}", f"--train.precision={args.precision}",
         "--train.global_batch_size=16", "--train.micro_batch_size=4", "--data.seq_len=256",
         "--data.max_bytes=4000000", f"--output_dir={args.workdir}", f"--data.cache_dir={args.cache}",
-        "--name=overhead", "--train.log_every=1", "--train.eval_every=0", "--train.save_every=0",
+        "--name=overhead", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=0",
         "--logging.wandb_mode=disabled", "--model.dropout=0.0", "--optim.warmup_steps=2",
         f"--train.max_steps={args.blocks * args.block_steps}",
     ])

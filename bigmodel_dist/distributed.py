@@ -20,6 +20,7 @@ class DistributedFacts:
     node_rank: int
     master_addr: str
     master_port: int
+    job_end_time: float | None = None  # Unix time the allocation ends (Slurm), for the time-limit guard
 
     @property
     def is_main(self) -> bool:
@@ -50,4 +51,5 @@ def facts_from_env(env: Mapping[str, str] | None = None) -> DistributedFacts:
         node_rank=int(env.get("GROUP_RANK", env.get("NODE_RANK", str(rank // local_world_size)))),
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=int(env.get("MASTER_PORT", "29500")),
+        job_end_time=float(env["SLURM_JOB_END_TIME"]) if env.get("SLURM_JOB_END_TIME") else None,
     )

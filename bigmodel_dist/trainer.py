@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigmodel_dist.checkpoint.manager import CheckpointManager, ResumePoint
 from bigmodel_dist.config.loader import save_config, to_dict
 from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.config.validate import ResolvedRun
@@ -27,6 +28,7 @@ from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.metrics import MetricsLogger, device_peak_tflops
 from bigmodel_dist.model_presets import flops_per_token
 from bigmodel_dist.models import build_model, weight_decay_groups
+from bigmodel_dist.preemption import StopController
 from bigmodel_dist.runtime import Runtime, create_accelerator, prepare, set_learning_rate
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     losses: list[float] = field(default_factory=list)  # per logged step, averaged over ranks
+    stop_reason: str | None = None  # set when a signal or the time limit ended this run early
 
 
 class Trainer:
@@ -60,10 +63,18 @@ class Trainer:
         self._write_run_files(accelerator)
         self.dataset = self._open_data(accelerator)
         self.tokenizer = self.dataset.tokenizer()
+        self.checkpoints = CheckpointManager(self.run_dir, self.cfg.checkpoint, facts)
+        resume = self.checkpoints.choose_resume(self.cfg.checkpoint.resume)
+        if resume is not None:
+            check_resumable(resume, resolved)
         model = build_model(self.cfg.model, self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id)
         self.runtime: Runtime = prepare(accelerator, model, weight_decay_groups(model, self.cfg.optim.weight_decay),
                                         self.cfg.optim.lr)
         torch.manual_seed(self.cfg.seed + 1000 * facts.rank)  # dropout differs per rank, same on every run
+        if resume is not None:
+            self._load(resume)
+        self.stopper = StopController(self.cfg.checkpoint.stop_signals, self.cfg.checkpoint.end_time or facts.job_end_time,
+                                      self.cfg.checkpoint.time_limit_margin_s, facts.is_main, self.runtime.device)
         self.loader = BatchLoader(self.dataset.train, resolved.layout, facts.rank, self.cfg.seed,
                                   start_step=self.state.step, prefetch=self.cfg.data.prefetch,
                                   pin_memory=torch.cuda.is_available())
@@ -92,8 +103,12 @@ class Trainer:
                 last_log_time, last_log_step = time.perf_counter(), self.state.step
             if train.eval_every and (self.state.step % train.eval_every == 0 or self._should_stop()):
                 self.metrics.log(self.state.step, {"eval/loss": (loss := self.evaluate()), "eval/ppl": math.exp(loss)})
-            if (train.save_every and self.state.step % train.save_every == 0) or self._should_stop():
+            self.state.stop_reason = self.stopper.agreed_stop()  # every rank, every step
+            every = cfg.checkpoint.every
+            if self.state.stop_reason or self._should_stop() or (every and self.state.step % every == 0):
                 self.save_checkpoint()
+            if self.state.stop_reason:
+                break
         self._finish()
         return self.state
 
@@ -148,24 +163,35 @@ class Trainer:
         return float(mean)
 
     def save_checkpoint(self) -> Path:
-        """DeepSpeed checkpoint through Accelerate (every rank writes its shard), then the `latest` pointer."""
-        accelerator = self.runtime.accelerator
-        tag = f"step_{self.state.step:06d}"
-        ckpt_dir = self.run_dir / "checkpoints" / tag
+        """One verified, atomically committed checkpoint of every rank's state plus the data cursor."""
+        r = self.resolved
         started = time.perf_counter()
-        accelerator.save_state(str(ckpt_dir))
-        if self.facts.is_main:
-            state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
-                     "samples_seen": self.state.step * self.resolved.layout.global_batch_size,
-                     "world_size": self.facts.world_size, "zero_stage": self.resolved.zero_stage}
-            (ckpt_dir / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        accelerator.wait_for_everyone()  # every rank's shard is on disk before the pointer moves
-        if self.facts.is_main:
-            tmp = ckpt_dir.parent / "latest.tmp"
-            tmp.write_text(tag + "\n")
-            tmp.replace(ckpt_dir.parent / "latest")
-            log.info("saved checkpoint %s in %.2fs", ckpt_dir, time.perf_counter() - started)
-        return ckpt_dir
+        path = self.checkpoints.save(self.runtime.accelerator, self.state.step, {
+            "tokens_seen": self.state.tokens_seen,
+            "samples_seen": self.state.step * r.layout.global_batch_size,  # the data cursor
+            "global_batch_size": r.layout.global_batch_size,
+            "seq_len": self.cfg.data.seq_len,
+            "world_size": self.facts.world_size,
+            "zero_stage": r.zero_stage,
+            "precision": self.cfg.train.precision,
+            "model": {"preset": self.cfg.model.preset, "vocab_size": r.shape.vocab_size,
+                      "num_parameters": r.num_parameters},
+            "stop_reason": self.state.stop_reason,
+            "wandb_run_id": None,
+            "config": to_dict(self.cfg),
+        })
+        elapsed = time.perf_counter() - started
+        log.info("saved checkpoint %s in %.2fs", path, elapsed)
+        self.metrics.log(self.state.step, {"checkpoint/save_s": elapsed})
+        return path
+
+    def _load(self, resume: ResumePoint) -> None:
+        """Model, optimizer and RNG states through Accelerate; step and data cursor from the metadata."""
+        self.runtime.accelerator.load_state(str(resume.path))
+        self.state.step = resume.meta["step"]
+        self.state.tokens_seen = resume.meta["tokens_seen"]
+        log.info("resumed from %s at step %d (%d samples consumed)", resume.path, self.state.step,
+                 resume.meta["samples_seen"])
 
     def _should_stop(self) -> bool:
         max_tokens = self.cfg.train.max_tokens
@@ -212,16 +238,39 @@ class Trainer:
     def _finish(self) -> None:
         self.runtime.accelerator.wait_for_everyone()
         if self.facts.is_main:
-            done = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "finished_at": time.time()}
-            (self.run_dir / "COMPLETED").write_text(json.dumps(done) + "\n")
+            # A marker the launcher reads: workers' exit codes do not survive torchrun (it exits 1).
+            marker = "STOPPED" if self.state.stop_reason else "COMPLETED"
+            done = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "finished_at": time.time(),
+                    "stop_reason": self.state.stop_reason}
+            (self.run_dir / marker).write_text(json.dumps(done) + "\n")
+            if self.state.stop_reason:
+                return
             log.info("done: checkpoints in %s, metrics in %s%s", self.run_dir / "checkpoints",
                      self.run_dir / "metrics.jsonl",
                      f", W&B files in {self.metrics.wandb_dir}" if self.metrics.wandb_dir else "")
 
     def close(self) -> None:
+        self.stopper.close()
         self.loader.close()
         self.metrics.close()
         self.runtime.accelerator.end_training()
+
+
+def check_resumable(resume: ResumePoint, resolved: ResolvedRun) -> None:
+    """The checkpoint must be of this model and batch shape (the data cursor counts global batches)."""
+    meta, cfg = resume.meta, resolved.config
+    wanted = {"model": {"preset": cfg.model.preset, "vocab_size": resolved.shape.vocab_size,
+                        "num_parameters": resolved.num_parameters},
+              "global_batch_size": resolved.layout.global_batch_size, "seq_len": cfg.data.seq_len}
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            raise UserInputError(f"checkpoint {resume.path}: written with {key}={meta.get(key)}, the config has {value}; "
+                                 "use the checkpoint's settings or a new run name")
+    for key in ("world_size", "zero_stage"):
+        current = resolved.layout.data_parallel_size if key == "world_size" else resolved.zero_stage
+        if meta[key] != current:
+            raise UserInputError(f"checkpoint {resume.path}: written with {key}={meta[key]}, now {current}; "
+                                 "changing it is not supported yet")
 
 
 def _grad_norm(engine) -> float:

@@ -32,6 +32,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run the trainer inside an already-started process group",
                                 epilog=OVERRIDES_HELP)
     train.add_argument("config", help="YAML run config, e.g. configs/gpt2-tiny.yaml")
+    train.add_argument("--resume", help="latest (default), none, or a checkpoint directory")
     train.set_defaults(handler=_cmd_train)
 
     validate = commands.add_parser("validate", help="check a config and print its derived figures",
@@ -50,6 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     backends = launch.add_subparsers(dest="backend", required=True)
     local = backends.add_parser("local", help="torchrun on this machine", epilog=OVERRIDES_HELP)
     local.add_argument("config")
+    local.add_argument("--resume", help="latest (default), none, or a checkpoint directory")
     local.add_argument("--nproc-per-node", type=int, default=None, help="processes here (default: GPUs, or 2 on CPU)")
     local.add_argument("--nnodes", type=int, default=1)
     local.add_argument("--node-rank", type=int, default=0)
@@ -66,6 +68,11 @@ def _split_overrides(extra: list[str]) -> list[str]:
     return extra
 
 
+def resume_override(args: argparse.Namespace) -> list[str]:
+    """`--resume X` is shorthand for `--checkpoint.resume=X`."""
+    return [f"--checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
+
+
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.config import load_config
     from bigmodel_dist.config.validate import resolve_run
@@ -79,6 +86,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     accelerate_json = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if accelerate_json:
         overrides = [f"--deepspeed.config={accelerate_json}", *overrides]
+    overrides = [*overrides, *resume_override(args)]
     cfg = load_config(args.config, overrides)
 
     import torch
@@ -87,9 +95,9 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.trainer import Trainer
 
     trainer = Trainer(resolved, facts)
-    trainer.train()
+    state = trainer.train()
     trainer.close()
-    return 0
+    return cfg.checkpoint.requeue_exit_code if state.stop_reason else 0
 
 
 def _cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -50,17 +51,23 @@ def launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserInputError("--nproc-per-node and --nnodes must be >= 1 and 0 <= --node-rank < --nnodes")
     import torch
 
-    resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, has_cuda=torch.cuda.is_available())
-    from launcher.cli import prepare_for
+    from launcher.cli import prepare_for, resume_override
 
+    overrides = [*overrides, *resume_override(args)]
+    resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, has_cuda=torch.cuda.is_available())
     prepare_for(resolved)  # here, not in the workers: a progress bar, and input errors before torchrun
     command = torchrun_command(args, nproc, overrides)
     log.info("launching %d process(es) on this node: %s", nproc, " ".join(command))
     started = time.time()
-    child = subprocess.Popen(command)
+    # torchrun forwards the signals it handles to the workers, then waits (30 s) for them to exit.
+    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+    child = subprocess.Popen(command, env=env)
     _forward_signals(child)
     code = child.wait()
-    if code != 0 and _completed_since(resolved.run_dir, started):
+    if _marker_since(resolved.run_dir / "STOPPED", started):
+        code = resolved.config.checkpoint.requeue_exit_code
+        log.warning("training stopped early and saved a checkpoint; exit %d asks to requeue", code)
+    elif code != 0 and _marker_since(resolved.run_dir / "COMPLETED", started):
         # Workers sometimes abort in interpreter teardown after all work is saved (seen with gloo).
         log.warning("torchrun exited %d after the run had completed and saved; treating it as success", code)
         code = 0
@@ -76,8 +83,7 @@ def _forward_signals(child: subprocess.Popen) -> None:
         signal.signal(signum, forward)
 
 
-def _completed_since(run_dir: Path, started: float) -> bool:
-    marker = run_dir / "COMPLETED"
+def _marker_since(marker: Path, started: float) -> bool:
     try:
         return json.loads(marker.read_text())["finished_at"] >= started
     except (OSError, ValueError, KeyError):

@@ -22,9 +22,11 @@ def _check_run_dir(run_dir, steps: int, stage: int) -> list[dict]:
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == steps
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage and ds["train_batch_size"] == 8
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
-    ckpt = run_dir / "checkpoints" / f"step_{steps:06d}"
-    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == steps
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
+    ckpt = run_dir / "checkpoints" / f"step_{steps:08d}"
+    meta = json.loads((ckpt / "bigmodel_meta.json").read_text())
+    assert meta["step"] == steps and meta["samples_seen"] == steps * 8 and meta["zero_stage"] == stage
+    assert set(meta["files"]) == {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"bigmodel_meta.json"}
     assert list((ckpt / "pytorch_model").glob("*model_states.pt"))  # ZeRO-3 names one per rank
     assert len(list((ckpt / "pytorch_model").glob("*optim_states.pt"))) == (2 if stage > 0 else 1)
     assert json.loads((run_dir / "COMPLETED").read_text())["step"] == steps
@@ -35,7 +37,7 @@ def _check_run_dir(run_dir, steps: int, stage: int) -> list[dict]:
 def test_launch_local_two_processes(tmp_path, tiny_overrides, cli_env):
     result = _run([sys.executable, "-m", "launcher.cli", "launch", "local", str(REPO / "configs" / "gpt2-tiny.yaml"),
                    "--nproc-per-node=2", *tiny_overrides, "--train.max_steps=6", "--train.eval_every=3",
-                   "--train.save_every=3", "--logging.wandb_mode=offline", "--name=local"], REPO, cli_env)
+                   "--checkpoint.every=3", "--logging.wandb_mode=offline", "--name=local"], REPO, cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "local"
     records = _check_run_dir(run_dir, steps=6, stage=2)
@@ -44,7 +46,7 @@ def test_launch_local_two_processes(tmp_path, tiny_overrides, cli_env):
     assert train[-1]["loss"] < train[0]["loss"]
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
     assert [r["step"] for r in records if "eval/loss" in r] == [3, 6]
-    assert (run_dir / "checkpoints" / "step_000003").is_dir()
+    assert (run_dir / "checkpoints" / "step_00000003").is_dir()
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
     assert "[rank 1/2]" not in result.stderr.split("launching", 1)[-1].split("INFO")[0]  # rank 1 stays quiet
     assert "done: checkpoints in" in result.stderr

@@ -37,7 +37,7 @@ def runs(tmp_path_factory, data_cache_module):
             overrides = [*TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache_module}",
                          f"--name={precision}-zero{stage}", f"--deepspeed.config=zero{stage}",
                          f"--train.precision={precision}", f"--train.max_steps={STEPS}", "--model.dropout=0.0",
-                         "--train.eval_every=0", "--train.save_every=0"]
+                         "--train.eval_every=0", "--checkpoint.every=0"]
             results[precision, stage] = run_distributed(train_and_collect, 2, overrides)[0]
     return results
 

@@ -148,8 +148,6 @@ class TrainConfig:
     """Evaluate every N optimizer steps (and at the end); 0 disables evaluation."""
     eval_batches: int = 4
     """Micro-batches per rank in one evaluation."""
-    save_every: int = 50
-    """Save a checkpoint every N optimizer steps (and at the end); 0 saves only at the end."""
 
     def check(self) -> None:
         _require_positive(
@@ -162,11 +160,44 @@ class TrainConfig:
         )
         if self.grad_accum_steps is not None:
             _require_positive("train", grad_accum_steps=self.grad_accum_steps)
-        for name in ("max_tokens", "eval_every", "save_every", "grad_clip"):
+        for name in ("max_tokens", "eval_every", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ConfigError("train.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """Save every N optimizer steps (and at the end); 0 saves only at the end and on preemption."""
+    keep_last: int = 3
+    """Keep the newest N checkpoints; older ones are deleted after a newer one is committed."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, for good; 0 keeps none extra."""
+    resume: str = "latest"
+    """latest (newest good checkpoint of this run, if any), none (refuse a run dir that has some), or a path."""
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that stop training at the next step with one checkpoint and the requeue exit code."""
+    requeue_exit_code: int = 85
+    """Exit code after a preemption save: tells the launcher (Slurm script, Ray) to requeue."""
+    time_limit_margin_s: float = 300.0
+    """Stop and save this long before the job's end time (Slurm's, or `end_time`)."""
+    end_time: float | None = None
+    """Unix time the allocation ends; None reads it from Slurm when present."""
+
+    def check(self) -> None:
+        for name in ("every", "keep_every", "time_limit_margin_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"checkpoint.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _require_positive("checkpoint", keep_last=self.keep_last)
+        if not 1 <= self.requeue_exit_code <= 255:
+            raise ConfigError("checkpoint.requeue_exit_code", f"must be in 1..255, got {self.requeue_exit_code}")
+        import signal
+
+        for i, name in enumerate(self.stop_signals):
+            if not isinstance(getattr(signal, name, None), signal.Signals):
+                raise ConfigError(f"checkpoint.stop_signals[{i}]", f"{name!r} is not a signal name like SIGTERM")
 
 
 @dataclass
@@ -210,11 +241,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def check(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError("name", f"must be a plain folder name (no '/', not starting with '.'), got {self.name!r}")
-        for section in (self.model, self.data, self.optim, self.train, self.deepspeed, self.logging):
+        for section in (self.model, self.data, self.optim, self.train, self.checkpoint, self.deepspeed, self.logging):
             section.check()

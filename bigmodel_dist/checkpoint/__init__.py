@@ -1,0 +1,1 @@
+"""Checkpoints: integrity (metadata, checksums), the manager (save, verified resume, retention), export."""

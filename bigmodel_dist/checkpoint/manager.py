@@ -1,0 +1,135 @@
+"""Save, choose and load checkpoints: atomic commits, verified resume with fallback, retention.
+
+Every method is collective: all ranks call it in the same order. Rank 0 takes each decision (which
+checkpoint, what went wrong) and broadcasts it, so no rank ever waits in a collective the others skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from bigmodel_dist.checkpoint.integrity import (
+    FORMAT_VERSION,
+    META_NAME,
+    PARTIAL_PREFIX,
+    check_files,
+    describe_files,
+    list_files,
+    read_meta,
+    step_dir_name,
+    step_dirs,
+)
+from bigmodel_dist.config.schema import CheckpointConfig
+from bigmodel_dist.distributed import DistributedFacts
+from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.fileio import fsync_path, write_json_atomically, write_text_atomically
+
+log = logging.getLogger(__name__)
+
+# DeepSpeed's ds_to_universal refuses checkpoints without this client state (see NOTES).
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    meta: dict[str, Any]
+
+
+def _broadcast(value: Any) -> Any:
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, cfg: CheckpointConfig, facts: DistributedFacts):
+        self.dir = run_dir / "checkpoints"
+        self.cfg = cfg
+        self.facts = facts
+
+    # ---- save -------------------------------------------------------------------------------------
+    def save(self, accelerator, step: int, meta: dict[str, Any]) -> Path:
+        """Write step `step` into a partial dir, checksum it (ranks share the work), commit by rename."""
+        final = self.dir / step_dir_name(step)
+        if _broadcast(final.is_dir() if self.facts.is_main else None):
+            return final  # already committed at this step (e.g. an interval save right before the end)
+        partial = self.dir / f"{PARTIAL_PREFIX}{final.name}"
+        if self.facts.is_main:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial), client_state=UNIVERSAL_INFO)
+        accelerator.wait_for_everyone()
+        files = _broadcast(list_files(partial) if self.facts.is_main else None)
+        mine = describe_files(partial, files[self.facts.rank :: self.facts.world_size])
+        shares: list[dict] = [{} for _ in range(self.facts.world_size)]
+        dist.all_gather_object(shares, mine)
+        if self.facts.is_main:
+            described = {name: info for share in shares for name, info in share.items()}
+            payload = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(), **meta,
+                       "files": dict(sorted(described.items()))}
+            write_json_atomically(partial / META_NAME, payload)
+            fsync_path(partial)
+            os.rename(partial, final)
+            fsync_path(self.dir)
+            write_text_atomically(self.dir / "latest", final.name + "\n")
+            self._apply_retention()
+        accelerator.wait_for_everyone()  # no rank runs ahead of the commit
+        return final
+
+    def _apply_retention(self) -> None:
+        keep_every = self.cfg.keep_every
+        for index, path in enumerate(step_dirs(self.dir)):
+            step = int(path.name.split("_")[-1])
+            if index >= self.cfg.keep_last and not (keep_every and step % keep_every == 0):
+                shutil.rmtree(path)
+                log.info("retention: deleted %s (keep_last=%d, keep_every=%d)", path.name, self.cfg.keep_last, keep_every)
+        for stale in self.dir.glob(f"{PARTIAL_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ---- choose -----------------------------------------------------------------------------------
+    def choose_resume(self, resume: str) -> ResumePoint | None:
+        """The checkpoint to resume from, verified by all ranks; newest good one for `latest`."""
+        if resume == "none":
+            existing = _broadcast([p.name for p in step_dirs(self.dir)] if self.facts.is_main else None)
+            if existing:
+                raise UserInputError(f"checkpoint.resume=none but {self.dir} holds {existing[0]}; use a new run name "
+                                     "or resume (checkpoint.resume=latest) - existing checkpoints are never overwritten")
+            return None
+        explicit = resume != "latest"
+        candidates = [Path(resume)] if explicit else step_dirs(self.dir)
+        candidates = _broadcast([str(p) for p in candidates] if self.facts.is_main else None)
+        for candidate in map(Path, candidates):
+            problem, meta = self._verify(candidate)
+            if problem is None:
+                return ResumePoint(candidate, meta)
+            if explicit:
+                raise UserInputError(f"checkpoint {candidate}: {problem}; pass another --resume or latest")
+            if self.facts.is_main:
+                log.warning("checkpoint %s is unusable (%s); trying the previous one", candidate, problem)
+        return None
+
+    def _verify(self, candidate: Path) -> tuple[str | None, dict | None]:
+        """Rank 0 reads the metadata; every rank checks its share of the files; any problem rejects it."""
+        found = None
+        if self.facts.is_main:
+            meta, problem = (None, "is not a directory") if not candidate.is_dir() else read_meta(candidate)
+            found = (meta, problem)
+        meta, problem = _broadcast(found)
+        if problem is not None:
+            return problem, None
+        names = sorted(meta["files"])
+        mine = check_files(candidate, meta["files"], names[self.facts.rank :: self.facts.world_size])
+        problems: list[str | None] = [None] * self.facts.world_size
+        dist.all_gather_object(problems, mine)
+        first = next((p for p in problems if p), None)
+        return first, (None if first else meta)
