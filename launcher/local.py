@@ -59,9 +59,7 @@ def launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
     command = torchrun_command(args, nproc, overrides)
     log.info("launching %d process(es) on this node: %s", nproc, " ".join(command))
     started = time.time()
-    # torchrun forwards the signals it handles to the workers, then waits (30 s) for them to exit.
-    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
-    child = subprocess.Popen(command, env=env)
+    child = _start_in_own_group(command)
     _forward_signals(child)
     code = child.wait()
     if _marker_since(resolved.run_dir / "STOPPED", started):
@@ -75,9 +73,39 @@ def launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
     return code
 
 
+def _start_in_own_group(command: list[str]) -> subprocess.Popen:
+    """torchrun in a session of its own (terminal Ctrl-C reaches only us), deaf to SIGUSR1.
+
+    torchrun dies of SIGUSR1 (it handles only TERM/INT/HUP/QUIT); ignoring it here is inherited by
+    torchrun, and the workers install their own handler over it.
+    """
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        return subprocess.Popen(command, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (torchrun's workers live in sessions of their own, so no killpg)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
 def _forward_signals(child: subprocess.Popen) -> None:
     def forward(signum, _frame):
-        child.send_signal(signum)
+        for pid in [child.pid, *child_pids(child.pid)]:  # workers at once; torchrun for its own shutdown
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, forward)
