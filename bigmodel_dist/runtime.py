@@ -35,12 +35,15 @@ def create_accelerator(ds_config: dict[str, Any], precision: str, timeout_s: int
         zero3_init_flag=ds_config["zero_optimization"]["stage"] == 3,
     )
     mixed_precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    return Accelerator(
+    accelerator = Accelerator(
         deepspeed_plugin=plugin,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=ds_config["gradient_accumulation_steps"],
         kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=timeout_s))],
     )
+    if not torch.distributed.is_initialized():  # Accelerate skips it for one process; we always collect
+        torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return accelerator
 
 
 def prepare(accelerator, model: torch.nn.Module, param_groups: list[dict], lr: float) -> Runtime:

@@ -79,6 +79,11 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.distributed import facts_from_env
     from launcher.logs import setup_logging
 
+    if "WORLD_SIZE" not in os.environ:  # plain `bigmodel train`: a process group of one on loopback
+        from launcher.ports import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     facts = facts_from_env()
     setup_logging(facts.rank, facts.world_size)
     # Under `accelerate launch --config_file configs/accelerate/zeroN.yaml` the DeepSpeed JSON comes from

@@ -10,18 +10,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from launcher.ports import free_port
 
 
 def _worker(fn: Callable, args: tuple, rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -36,6 +31,31 @@ def _worker(fn: Callable, args: tuple, rank: int, world_size: int, port: int, ou
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+
+
+def run_until_a_rank_dies(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = 300) -> list[int | None]:
+    """Run like `run_distributed`, for tests that kill a rank: once any rank exits abnormally, the
+    others (stuck in a collective) are killed too. Returns every rank's exit code."""
+    import time
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="spawn-") as out_dir:
+        procs = [ctx.Process(target=_worker, args=(fn, args, r, world_size, port, out_dir)) for r in range(world_size)]
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(p.is_alive() for p in procs):
+            if any(p.exitcode not in (None, 0) for p in procs):
+                time.sleep(1.0)  # let the survivors notice, then end them
+                break
+            time.sleep(0.1)
+        codes = [p.exitcode for p in procs]
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+        return codes
 
 
 def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = 300) -> list[Any]:

@@ -18,3 +18,48 @@ def train_and_collect(overrides: list[str]) -> dict:
     params = {name: tensor.float().numpy().copy() for name, tensor in full_parameters(trainer.runtime.engine).items()}
     trainer.close()
     return {"losses": state.losses, "params": params if facts.is_main else None}
+
+
+def train_and_crash(overrides: list[str], crash_point: str, crash_rank: int, crash_step: int) -> None:
+    """Train, and SIGKILL rank `crash_rank` at `crash_point` of the save of step `crash_step`.
+
+    Points, in save order: "shard_write" (half of one tensor file written), "before_checksums" (all
+    shards written), "before_commit" (rank 0, metadata about to be written), "before_pointer" (rank 0,
+    committed by rename, `latest` not yet updated).
+    """
+    import os
+    import signal
+
+    import torch
+
+    import bigmodel_dist.checkpoint.manager as manager
+    from bigmodel_dist.distributed import facts_from_env
+
+    partial = f".partial-step_{crash_step:08d}"
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if facts_from_env().rank == crash_rank:
+        if crash_point == "shard_write":
+            original_save = torch.save
+
+            def half_then_die(obj, f, *args, **kwargs):
+                if partial in str(f):
+                    with open(f, "wb") as handle:
+                        handle.write(b"\0" * 1000)
+                    die()
+                return original_save(obj, f, *args, **kwargs)
+
+            torch.save = half_then_die
+        elif crash_point == "before_checksums":
+            original = manager.describe_files
+            manager.describe_files = lambda d, r: die() if partial in str(d) else original(d, r)
+        elif crash_point == "before_commit":
+            original_json = manager.write_json_atomically
+            manager.write_json_atomically = lambda p, v: die() if partial in str(p) else original_json(p, v)
+        elif crash_point == "before_pointer":
+            original_text = manager.write_text_atomically
+            committed = f"step_{crash_step:08d}"
+            manager.write_text_atomically = lambda p, t: die() if t.strip() == committed else original_text(p, t)
+    train_and_collect(overrides)
