@@ -179,7 +179,7 @@ class Trainer:
             "stop_reason": self.state.stop_reason,
             "wandb_run_id": None,
             "config": to_dict(self.cfg),
-        })
+        }, write_extra=lambda d: self.tokenizer.save_pretrained(str(d / "tokenizer")))  # self-contained for export
         elapsed = time.perf_counter() - started
         log.info("saved checkpoint %s in %.2fs", path, elapsed)
         self.metrics.log(self.state.step, {"checkpoint/save_s": elapsed})

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,11 @@ class CheckpointManager:
         self.facts = facts
 
     # ---- save -------------------------------------------------------------------------------------
-    def save(self, accelerator, step: int, meta: dict[str, Any]) -> Path:
-        """Write step `step` into a partial dir, checksum it (ranks share the work), commit by rename."""
+    def save(self, accelerator, step: int, meta: dict[str, Any], write_extra: Callable[[Path], None] | None = None) -> Path:
+        """Write step `step` into a partial dir, checksum it (ranks share the work), commit by rename.
+
+        `write_extra(dir)` runs on rank 0 to add small files (the tokenizer) before checksumming.
+        """
         final = self.dir / step_dir_name(step)
         if _broadcast(final.is_dir() if self.facts.is_main else None):
             return final  # already committed at this step (e.g. an interval save right before the end)
@@ -68,6 +72,8 @@ class CheckpointManager:
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial), client_state=UNIVERSAL_INFO)
+        if self.facts.is_main and write_extra is not None:
+            write_extra(partial)
         accelerator.wait_for_everyone()
         files = _broadcast(list_files(partial) if self.facts.is_main else None)
         mine = describe_files(partial, files[self.facts.rank :: self.facts.world_size])
