@@ -7,8 +7,11 @@ the only module of the library that reads them. Everything else receives a `Dist
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,26 @@ def facts_from_env(env: Mapping[str, str] | None = None) -> DistributedFacts:
         master_port=int(env.get("MASTER_PORT", "29500")),
         job_end_time=float(env["SLURM_JOB_END_TIME"]) if env.get("SLURM_JOB_END_TIME") else None,
     )
+
+
+def on_rank0_then_shared(is_main: bool, work: Callable[[], T]) -> T:
+    """Run `work` on rank 0 only and give every rank its result, or its user error.
+
+    Collective: every rank calls it. A UserInputError on rank 0 is raised on all ranks, so none is left
+    waiting in a later collective.
+    """
+    import torch.distributed as dist
+
+    from bigmodel_dist.errors import UserInputError
+
+    box: list = [(None, None)]
+    if is_main:
+        try:
+            box = [(work(), None)]
+        except UserInputError as exc:
+            box = [(None, str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error:
+        raise UserInputError(error)
+    return result

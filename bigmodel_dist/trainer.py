@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from bigmodel_dist.checkpoint.manager import CheckpointManager, ResumePoint
+from bigmodel_dist.checkpoint.reshard import convert_to_universal
 from bigmodel_dist.config.loader import save_config, to_dict
 from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.config.validate import ResolvedRun
 from bigmodel_dist.data.dataset import PackedDataset
 from bigmodel_dist.data.loader import BatchLoader
 from bigmodel_dist.data.prepare import prepare_data
-from bigmodel_dist.distributed import DistributedFacts
+from bigmodel_dist.distributed import DistributedFacts, on_rank0_then_shared
 from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.metrics import MetricsLogger, device_peak_tflops
 from bigmodel_dist.model_presets import flops_per_token
@@ -65,14 +66,16 @@ class Trainer:
         self.tokenizer = self.dataset.tokenizer()
         self.checkpoints = CheckpointManager(self.run_dir, self.cfg.checkpoint, facts)
         resume = self.checkpoints.choose_resume(self.cfg.checkpoint.resume)
+        load_from = None
         if resume is not None:
             check_resumable(resume, resolved)
+            load_from = self._loadable_copy(resume, accelerator)
         model = build_model(self.cfg.model, self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id)
         self.runtime: Runtime = prepare(accelerator, model, weight_decay_groups(model, self.cfg.optim.weight_decay),
                                         self.cfg.optim.lr)
         torch.manual_seed(self.cfg.seed + 1000 * facts.rank)  # dropout differs per rank, same on every run
         if resume is not None:
-            self._load(resume)
+            self._load(resume, load_from)
         self.stopper = StopController(self.cfg.checkpoint.stop_signals, self.cfg.checkpoint.end_time or facts.job_end_time,
                                       self.cfg.checkpoint.time_limit_margin_s, facts.is_main, self.runtime.device)
         self.loader = BatchLoader(self.dataset.train, resolved.layout, facts.rank, self.cfg.seed,
@@ -135,15 +138,7 @@ class Trainer:
         """
         cache_dir = Path(self.cfg.data.cache_dir or Path(self.cfg.output_dir) / ".cache")
         vocab = self.resolved.shape.vocab_size
-        error = [None]
-        if self.facts.is_main:
-            try:
-                prepare_data(self.cfg.data, vocab, cache_dir)
-            except UserInputError as exc:
-                error = [str(exc)]
-        torch.distributed.broadcast_object_list(error, src=0)  # every rank, so none waits forever
-        if error[0]:
-            raise UserInputError(error[0])
+        on_rank0_then_shared(self.facts.is_main, lambda: prepare_data(self.cfg.data, vocab, cache_dir))
         prepared = prepare_data(self.cfg.data, vocab, cache_dir, progress=False)
         # One checksum pass per node is enough: ranks of a node read the same files.
         return PackedDataset(prepared, verify=self.cfg.data.verify if self.facts.local_rank == 0 else "size")
@@ -185,9 +180,26 @@ class Trainer:
         self.metrics.log(self.state.step, {"checkpoint/save_s": elapsed})
         return path
 
-    def _load(self, resume: ResumePoint) -> None:
+    def _loadable_copy(self, resume: ResumePoint, accelerator) -> Path:
+        """The checkpoint itself, or (other world size or ZeRO stage) its universal conversion."""
+        world, stage = self.facts.world_size, self.resolved.zero_stage
+        if (resume.meta["world_size"], resume.meta["zero_stage"]) == (world, stage):
+            return resume.path
+        if self.facts.is_main:
+            log.warning("checkpoint %s was written by %d rank(s) at ZeRO-%d; resuming on %d at ZeRO-%d through a "
+                        "universal checkpoint", resume.path.name, resume.meta["world_size"], resume.meta["zero_stage"],
+                        world, stage)
+        path = on_rank0_then_shared(self.facts.is_main, lambda: convert_to_universal(resume.path, world, stage))
+        # Must be set before the engine exists: DeepSpeed reads it when it builds the optimizer.
+        accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+        return path
+
+    def _load(self, resume: ResumePoint, load_from: Path) -> None:
         """Model, optimizer and RNG states through Accelerate; step and data cursor from the metadata."""
-        self.runtime.accelerator.load_state(str(resume.path))
+        self.runtime.accelerator.load_state(str(load_from))
+        # load_state restores Accelerate's micro-step counter, which places accumulation boundaries;
+        # we resume at a boundary, and with another world size the old count would misplace them.
+        self.runtime.accelerator.step = 0
         self.state.step = resume.meta["step"]
         self.state.tokens_seen = resume.meta["tokens_seen"]
         log.info("resumed from %s at step %d (%d samples consumed)", resume.path, self.state.step,
@@ -266,11 +278,6 @@ def check_resumable(resume: ResumePoint, resolved: ResolvedRun) -> None:
         if meta.get(key) != value:
             raise UserInputError(f"checkpoint {resume.path}: written with {key}={meta.get(key)}, the config has {value}; "
                                  "use the checkpoint's settings or a new run name")
-    for key in ("world_size", "zero_stage"):
-        current = resolved.layout.data_parallel_size if key == "world_size" else resolved.zero_stage
-        if meta[key] != current:
-            raise UserInputError(f"checkpoint {resume.path}: written with {key}={meta[key]}, now {current}; "
-                                 "changing it is not supported yet")
 
 
 def _grad_norm(engine) -> float:
