@@ -38,7 +38,7 @@ def describe_files(ckpt_dir: Path, relative: list[str]) -> dict[str, dict[str, A
     for rel in relative:
         path = ckpt_dir / rel
         fsync_path(path)
-        described[rel] = {"size": path.stat().st_size, "blake2b": file_checksum(path)}
+        described[rel] = {"size": path.stat().st_size, "xxh3_128": file_checksum(path)}
     return described
 
 
@@ -51,7 +51,7 @@ def check_files(ckpt_dir: Path, expected: dict[str, dict[str, Any]], relative: l
             return f"{rel} is missing"
         if path.stat().st_size != want["size"]:
             return f"{rel} has {path.stat().st_size} bytes, metadata says {want['size']} (truncated?)"
-        if with_checksums and file_checksum(path) != want["blake2b"]:
+        if with_checksums and file_checksum(path) != want["xxh3_128"]:
             return f"{rel} fails its checksum (altered or corrupted)"
     return None
 
