@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bigmodel_dist.config.schema import LoggingConfig
+from bigmodel_dist.fileio import write_text_atomically
+from bigmodel_dist.metrics_file import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -28,36 +31,64 @@ def device_peak_tflops(logging_cfg: LoggingConfig, device_name: str) -> float | 
 
 
 class MetricsLogger:
-    """Writes one JSON line per log call (flushed), shows progress, mirrors to W&B when enabled."""
+    """Writes one JSON line per log call (flushed), shows progress, mirrors to W&B when it works.
+
+    Create it before the first collective: W&B may take seconds to start and must not hold other ranks.
+    W&B failures never stop training: online falls back to offline, offline to disabled, with a warning.
+    """
 
     def __init__(self, run_dir: Path, logging_cfg: LoggingConfig, config: dict, is_main: bool, max_steps: int):
         self.is_main = is_main
+        self.run_id: str | None = None
         self._file = None
         self._wandb_run = None
         self._progress = None
+        self._wandb_skip_through = 0
         if not is_main:
             return
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "metrics.jsonl"
+        self._logged_before = read_metrics(path).last_step()  # steps already in W&B from earlier processes
+        self._file = open(path, "a", buffering=1)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self._progress = tqdm(total=max_steps, desc="train", unit="step", dynamic_ncols=True)
-        self._wandb_run = _start_wandb(run_dir, logging_cfg, config)
+        self.run_id = _run_id(run_dir)
+        self._wandb_run = _start_wandb(run_dir, logging_cfg, config, self.run_id)
+
+    def mark_restart(self, step: int) -> None:
+        """A resume from `step`: later steps logged before are redone. metrics.jsonl records the restart
+        (its reader drops the redone lines); W&B keeps its first logging of the redone steps, since it
+        refuses steps below its last one, so they are skipped there."""
+        if not self.is_main or not self._logged_before:  # nothing logged before: a fresh run
+            return
+        self._write({"event": "restart", "step": step, "time": time.time()})
+        self._wandb_skip_through = self._logged_before
+        if self._progress is not None:
+            self._progress.n = step
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._wandb_run is not None:
-            self._wandb_run.log(metrics, step=step)
-        line = " ".join(f"{k}={_short(v)}" for k, v in metrics.items())
+        plain = {k: _plain(v) for k, v in metrics.items()}
+        self._write({"step": step, "time": time.time(), **plain})
+        if self._wandb_run is not None and step > self._wandb_skip_through:
+            try:
+                self._wandb_run.log({k: v for k, v in plain.items() if isinstance(v, (int, float))}, step=step)
+            except Exception as exc:  # a broken W&B must never stop training
+                log.warning("W&B logging failed (%s: %s); continuing without W&B", type(exc).__name__, exc)
+                self._wandb_run = None
+        line = " ".join(f"{k}={_short(v)}" for k, v in plain.items() if not isinstance(v, list))
         if self._progress is not None:
             self._progress.n = step
             self._progress.set_postfix_str(line, refresh=True)
         else:
             log.info("step %d %s", step, line)
+
+    def _write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a killed process loses nothing it logged
 
     @property
     def wandb_dir(self) -> str | None:
@@ -67,32 +98,45 @@ class MetricsLogger:
         if self._progress is not None:
             self._progress.close()
         if self._wandb_run is not None:
-            self._wandb_run.finish()
+            try:
+                self._wandb_run.finish()
+            except Exception as exc:
+                log.warning("W&B finish failed (%s); metrics.jsonl has every logged value", exc)
         if self._file is not None:
             self._file.close()
 
 
-def _start_wandb(run_dir: Path, logging_cfg: LoggingConfig, config: dict):
-    if logging_cfg.wandb_mode == "disabled":
-        return None
-    mode = logging_cfg.wandb_mode
-    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        log.warning("W&B: no WANDB_API_KEY; logging offline instead (sync later with `wandb sync`)")
-        mode = "offline"
-    try:
-        import wandb
+def _run_id(run_dir: Path) -> str:
+    """The run's W&B id, kept in the run dir so every restart continues the same W&B run."""
+    path = run_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    write_text_atomically(path, run_id + "\n")
+    return run_id
 
-        return wandb.init(
-            project=logging_cfg.wandb_project,
-            name=run_dir.name,
-            dir=str(run_dir),
-            mode=mode,
-            config=config,
-            settings=wandb.Settings(init_timeout=30, console="off", silent=True),
-        )
-    except Exception as exc:  # W&B must never be the reason training stops
-        log.warning("W&B disabled for this run: %s: %s", type(exc).__name__, exc)
+
+def _start_wandb(run_dir: Path, logging_cfg: LoggingConfig, config: dict, run_id: str):
+    mode = logging_cfg.wandb_mode
+    if mode == "disabled":
         return None
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        log.warning("W&B: no WANDB_API_KEY; logging offline (later: wandb sync --id %s %s/wandb/offline-run-*)",
+                    run_id, run_dir)
+        mode = "offline"
+    for attempt in (mode, "offline") if mode == "online" else (mode,):
+        try:
+            import wandb
+
+            return wandb.init(
+                project=logging_cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                mode=attempt, config=config,
+                settings=wandb.Settings(init_timeout=logging_cfg.wandb_init_timeout_s, console="off", silent=True),
+            )
+        except Exception as exc:  # W&B must never be the reason training stops
+            log.warning("W&B %s start failed (%s: %s)", attempt, type(exc).__name__, str(exc).splitlines()[0][:200])
+    log.warning("W&B disabled for this run; metrics.jsonl in %s still has every metric", run_dir)
+    return None
 
 
 def _plain(value: Any) -> Any:

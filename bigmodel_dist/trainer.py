@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,11 @@ class Trainer:
         self.facts = facts
         self.run_dir = resolved.run_dir
         self.state = TrainState()
+        self._run_started_at = time.time()  # wall clock of the whole run, restarts included (goodput)
+        self._productive_s = 0.0  # time in steps that count: work redone after a resume is not included
+        # Before the first collective: W&B may take seconds to start and no rank may wait on it.
+        self.metrics = MetricsLogger(self.run_dir, self.cfg.logging, to_dict(self.cfg), facts.is_main,
+                                     self.cfg.train.max_steps)
         accelerator = create_accelerator(resolved.deepspeed_config, self.cfg.train.precision)
         self._write_run_files(accelerator)
         self.dataset = self._open_data(accelerator)
@@ -81,8 +87,7 @@ class Trainer:
         self.loader = BatchLoader(self.dataset.train, resolved.layout, facts.rank, self.cfg.seed,
                                   start_step=self.state.step, prefetch=self.cfg.data.prefetch,
                                   pin_memory=torch.cuda.is_available())
-        self.metrics = MetricsLogger(self.run_dir, self.cfg.logging, to_dict(self.cfg), facts.is_main,
-                                     self.cfg.train.max_steps)
+        self.metrics.mark_restart(self.state.step)
         self._flops_per_step = flops_per_token(resolved.shape, self.cfg.data.seq_len) * resolved.tokens_per_step
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self._peak_flops = (device_peak_tflops(self.cfg.logging, device_name) or 0.0) * 1e12
@@ -99,11 +104,12 @@ class Trainer:
             self.state.step += 1
             self.state.tokens_seen += self.resolved.tokens_per_step
 
-            if self.state.step % train.log_every == 0 or self._should_stop():
+            logged = self.state.step % train.log_every == 0 or self._should_stop()
+            if logged:
                 elapsed = time.perf_counter() - last_log_time
+                self._productive_s += elapsed
                 self._log_step(step_losses, lr, elapsed, self.state.step - last_log_step)
                 step_losses.clear()
-                last_log_time, last_log_step = time.perf_counter(), self.state.step
             if train.eval_every and (self.state.step % train.eval_every == 0 or self._should_stop()):
                 self.metrics.log(self.state.step, {"eval/loss": (loss := self.evaluate()), "eval/ppl": math.exp(loss)})
             self.state.stop_reason = self.stopper.agreed_stop()  # every rank, every step
@@ -112,6 +118,8 @@ class Trainer:
                 self.save_checkpoint()
             if self.state.stop_reason:
                 break
+            if logged:  # the next interval times training steps only, not eval or checkpoint stalls
+                last_log_time, last_log_step = time.perf_counter(), self.state.step
         self._finish()
         return self.state
 
@@ -172,7 +180,9 @@ class Trainer:
             "model": {"preset": self.cfg.model.preset, "vocab_size": r.shape.vocab_size,
                       "num_parameters": r.num_parameters},
             "stop_reason": self.state.stop_reason,
-            "wandb_run_id": None,
+            "wandb_run_id": self.metrics.run_id,  # rank 0's; resumed runs continue this W&B run
+            "run_started_at": self._run_started_at,
+            "productive_s": self._productive_s,
             "config": to_dict(self.cfg),
         }, write_extra=lambda d: self.tokenizer.save_pretrained(str(d / "tokenizer")))  # self-contained for export
         elapsed = time.perf_counter() - started
@@ -202,6 +212,8 @@ class Trainer:
         self.runtime.accelerator.step = 0
         self.state.step = resume.meta["step"]
         self.state.tokens_seen = resume.meta["tokens_seen"]
+        self._run_started_at = resume.meta.get("run_started_at", self._run_started_at)
+        self._productive_s = resume.meta.get("productive_s", 0.0)
         log.info("resumed from %s at step %d (%d samples consumed)", resume.path, self.state.step,
                  resume.meta["samples_seen"])
 
@@ -223,10 +235,22 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / self.facts.world_size,
             "tokens_seen": self.state.tokens_seen,
+            "goodput": self._productive_s / max(1e-9, time.time() - self._run_started_at),
+            **self._peak_memory_gb(),
         }
         if self._peak_flops:
             metrics["mfu"] = self._flops_per_step / step_time / (self._peak_flops * self.facts.world_size)
         self.metrics.log(self.state.step, metrics)
+
+    def _peak_memory_gb(self) -> dict[str, object]:
+        """Peak memory of every rank (GPU allocator, or the process's peak RSS on CPU): collective."""
+        if torch.cuda.is_available():
+            local = torch.cuda.max_memory_allocated() / 1e9
+        else:
+            local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+        gathered = self.runtime.accelerator.gather(torch.tensor([local], device=self.runtime.device)).tolist()
+        return {"memory/peak_gb_max": max(gathered), "memory/peak_gb_min": min(gathered),
+                "memory/peak_gb_per_rank": gathered}
 
     def _write_run_files(self, accelerator) -> None:
         if self.facts.is_main:

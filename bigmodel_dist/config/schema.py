@@ -219,6 +219,8 @@ class LoggingConfig:
     """W&B mode on rank 0: offline (default, no network), online, or disabled."""
     wandb_project: str = "bigmodel-dist"
     """W&B project name."""
+    wandb_init_timeout_s: float = 30.0
+    """Seconds W&B may take to start online before we fall back to offline (then to disabled)."""
     peak_tflops_per_device: float | None = None
     """Device peak for MFU; None looks the device up in a table (GPUs) and reports no MFU if unknown."""
 
@@ -227,6 +229,7 @@ class LoggingConfig:
             raise ConfigError("logging.wandb_mode", f"must be one of {list(WANDB_MODES)}, got {self.wandb_mode!r}")
         if self.peak_tflops_per_device is not None:
             _require_positive("logging", peak_tflops_per_device=self.peak_tflops_per_device)
+        _require_positive("logging", wandb_init_timeout_s=self.wandb_init_timeout_s)
 
 
 @dataclass

@@ -40,7 +40,7 @@ def _open_shard(path: Path, info: dict, dtype: np.dtype, seq_len: int, verify: s
     if path.stat().st_size != info["num_bytes"]:
         raise UserInputError(f"prepared shard {path}: {path.stat().st_size} bytes, expected {info['num_bytes']} "
                              "(truncated?); delete it and run `bigmodel prepare` again")
-    if verify == "checksum" and file_checksum(path) != info["checksum"]:
+    if verify == "checksum" and file_checksum(path) != info["xxh3_128"]:
         raise UserInputError(f"prepared shard {path}: checksum mismatch (corrupted); delete it and run "
                              "`bigmodel prepare` again")
     if info["num_sequences"] == 0:

@@ -198,7 +198,7 @@ def _write_shard(out: Path, index: int, shard_key: str, part, tokenizer, dtype, 
         "num_sequences": num_sequences,
         "num_val": math.ceil(num_sequences * data_cfg.val_fraction) if num_sequences >= 2 else 0,
         "num_bytes": num_sequences * data_cfg.seq_len * np.dtype(dtype).itemsize,
-        "checksum": file_checksum(out / name),
+        "xxh3_128": file_checksum(out / name),
     }
     write_json_atomically(out / f"shard-{index:05d}.json", info)
     return info

@@ -1,0 +1,52 @@
+"""`bigmodel plot RUN_DIR`: loss, eval loss, tokens/s and lr over steps from metrics.jsonl, as one PNG.
+
+Restarts are drawn as vertical lines at the step each resumed from; the curves are the deduplicated
+history (steps redone after a resume appear once, from the run that counted).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.metrics_file import read_metrics
+
+log = logging.getLogger(__name__)
+
+PANELS = (("loss", "eval/loss", "loss"), ("tokens_per_s", None, "tokens/s"), ("lr", None, "learning rate"))
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    history = read_metrics(run_dir / "metrics.jsonl")
+    if history.bad_lines:
+        log.warning("%s: skipped %d unreadable line(s)", run_dir / "metrics.jsonl", history.bad_lines)
+    if not history.series("loss")[0]:
+        raise UserInputError(f"{run_dir / 'metrics.jsonl'}: no training steps logged yet; plot a run that has trained")
+    out = out or run_dir / "metrics.png"
+    figure, axes = plt.subplots(len(PANELS), 1, figsize=(9, 8), sharex=True)
+    for axis, (key, second, label) in zip(axes, PANELS):
+        steps, values = history.series(key)
+        axis.plot(steps, values, label=key, linewidth=1.2)
+        if second:
+            eval_steps, eval_values = history.series(second)
+            axis.plot(eval_steps, eval_values, "o-", label=second, markersize=4)
+        for restart in history.restarts:
+            axis.axvline(restart["step"], color="red", linestyle="--", linewidth=0.8)
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend(loc="upper right")
+    if history.restarts:
+        axes[0].plot([], [], "r--", label="restart (resumed from)")
+        axes[0].legend(loc="upper right")
+    axes[-1].set_xlabel("step")
+    figure.suptitle(f"{run_dir.name}: {history.last_step()} steps, {len(history.restarts)} restart(s)")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
