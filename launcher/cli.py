@@ -47,6 +47,17 @@ def _build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", help="prepared folder (sets data.prepared_dir); default: derived in the cache")
     prepare.set_defaults(handler=_cmd_prepare)
 
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face folder (safetensors)")
+    export.add_argument("checkpoint", help="a step folder, e.g. runs/NAME/checkpoints/step_00000100")
+    export.add_argument("out_dir", help="new (or empty) folder for config.json, weights and tokenizer")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype (default fp32)")
+    export.set_defaults(handler=_cmd_export)
+
+    plot = commands.add_parser("plot", help="PNG of loss, eval loss, tokens/s and lr from a run's metrics.jsonl")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
+    plot.set_defaults(handler=_cmd_plot)
+
     launch = commands.add_parser("launch", help="start processes on an allocation")
     backends = launch.add_subparsers(dest="backend", required=True)
     local = backends.add_parser("local", help="torchrun on this machine", epilog=OVERRIDES_HELP)
@@ -164,6 +175,33 @@ def format_summary(resolved) -> str:
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines += [f"note: {note}" for note in resolved.deepspeed_notes]
     return "\n".join(lines)
+
+
+def _cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from bigmodel_dist.checkpoint.export import export_checkpoint
+    from launcher.logs import setup_logging
+
+    if overrides:
+        raise UserInputError(f"export takes no config overrides, got {overrides[0]!r}")
+    setup_logging()
+    print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir), dtype=args.dtype))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from bigmodel_dist.plot import plot_run
+    from launcher.logs import setup_logging
+
+    setup_logging()
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserInputError(f"{run_dir}: no metrics.jsonl; give a run directory such as runs/gpt2-tiny")
+    print(plot_run(run_dir, Path(args.out) if args.out else None))
+    return 0
 
 
 def _cmd_launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
