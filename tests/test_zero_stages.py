@@ -100,3 +100,15 @@ def test_fp32_updates_agree_far_tighter_than_bf16(runs, initial_params):
     fp32 = _relative_update_diff(runs["fp32", 3]["params"], runs["fp32", 0]["params"], initial_params)
     assert fp32 < 1e-3
     assert _max_param_diff(runs["fp32", 3]["params"], initial_params) > 1e-4  # the weights did move
+
+
+def test_zero3_partitions_parameters_at_construction(tmp_path):
+    from .conftest import TINY
+    from .workers import build_under_zero3
+
+    results = run_distributed(build_under_zero3, 2, [*TINY, f"--output_dir={tmp_path}", "--deepspeed.config=zero3"])
+    for result in results:
+        assert result["partitioned"]
+        assert result["placeholder_numel"] == 0  # nothing materialised in the module
+        assert result["local_numel"] <= result["full_numel"] // 2 + 64 * 2  # this rank's half (+ padding)
+    assert results[0]["full_numel"] == 593_408  # gpt2-tiny

@@ -63,3 +63,26 @@ def train_and_crash(overrides: list[str], crash_point: str, crash_rank: int, cra
             committed = f"step_{crash_step:08d}"
             manager.write_text_atomically = lambda p, t: die() if t.strip() == committed else original_text(p, t)
     train_and_collect(overrides)
+
+
+def build_under_zero3(overrides: list[str]) -> dict:
+    """Create the Accelerator (ZeRO-3 plugin) and build the model as the Trainer does; report how
+    much of each parameter this rank holds right after construction, before deepspeed.initialize."""
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.config.validate import resolve_run
+    from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.models import build_model
+    from bigmodel_dist.runtime import create_accelerator
+
+    facts = facts_from_env()
+    cfg = load_config(None, overrides)
+    resolved = resolve_run(cfg, facts.world_size)
+    create_accelerator(resolved.deepspeed_config, cfg.train.precision)
+    model = build_model(cfg.model, cfg.seed)
+    params = list(model.parameters())
+    return {
+        "partitioned": all(hasattr(p, "ds_id") for p in params),
+        "local_numel": sum(p.ds_tensor.numel() for p in params),
+        "full_numel": sum(p.ds_numel for p in params),
+        "placeholder_numel": sum(p.numel() for p in params),  # what the module itself holds
+    }
