@@ -77,6 +77,9 @@ def _checked_meta(checkpoint: Path) -> dict[str, Any]:
     problem = check_files(checkpoint, meta["files"], sorted(meta["files"]), with_checksums=False)
     if problem is not None:
         raise UserInputError(f"checkpoint {checkpoint}: {problem}; export another step")
+    if not (checkpoint / "tokenizer").is_dir():  # saved before checkpoints carried their tokenizer
+        raise UserInputError(f"checkpoint {checkpoint} has no tokenizer/ folder; copy the run's tokenizer there "
+                             "(its data.tokenizer, or the tokenizer-* folder in its data.cache_dir)")
     return meta
 
 
