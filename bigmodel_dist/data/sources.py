@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sysconfig
 from pathlib import Path
 
@@ -32,8 +33,7 @@ def input_files(data_cfg: DataConfig) -> list[Path]:
                 raise UserInputError(f"data.paths[{i}] {entry}: is empty; remove it from data.paths")
             files.append(root)
         elif root.is_dir():  # empty files inside folders (package __init__.py) are skipped
-            found = [p for p in sorted(root.rglob("*"))
-                     if p.suffix in wanted and p.is_file() and not _skipped(p, root) and p.stat().st_size]
+            found = [p for p in _walk(root) if p.suffix in wanted and p.stat().st_size]
             if not found:
                 raise UserInputError(f"data.paths[{i}] {entry}: no non-empty files ending in {sorted(wanted)}; "
                                      "add some or fix data.extensions")
@@ -43,9 +43,14 @@ def input_files(data_cfg: DataConfig) -> list[Path]:
     return files
 
 
-def _skipped(path: Path, root: Path) -> bool:
-    parts = path.relative_to(root).parts  # installed packages are not the stdlib corpus
-    return "site-packages" in parts or "__pycache__" in parts or any(p.startswith(".") for p in parts)
+def _walk(root: Path) -> list[Path]:
+    """Files under `root`, sorted; never descends into installed packages, caches or hidden folders
+    (pruned, not filtered: the stdlib's site-packages can hold more files than the stdlib itself)."""
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in ("site-packages", "__pycache__") and not d.startswith(".")]
+        files += [Path(folder, name) for name in names if not name.startswith(".")]
+    return sorted(files)
 
 
 def check_input_files(files: list[Path], data_cfg: DataConfig) -> None:
