@@ -33,17 +33,22 @@ def _worker(fn: Callable, args: tuple, rank: int, world_size: int, port: int, ou
         raise
 
 
+def _start_ranks(fn: Callable, world_size: int, args: tuple, out_dir: str) -> list:
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, args, r, world_size, port, out_dir)) for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    return procs
+
+
 def run_until_a_rank_dies(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = 300) -> list[int | None]:
     """Run like `run_distributed`, for tests that kill a rank: once any rank exits abnormally, the
     others (stuck in a collective) are killed too. Returns every rank's exit code."""
     import time
 
-    ctx = mp.get_context("spawn")
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="spawn-") as out_dir:
-        procs = [ctx.Process(target=_worker, args=(fn, args, r, world_size, port, out_dir)) for r in range(world_size)]
-        for proc in procs:
-            proc.start()
+        procs = _start_ranks(fn, world_size, args, out_dir)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(p.is_alive() for p in procs):
             if any(p.exitcode not in (None, 0) for p in procs):
@@ -59,12 +64,8 @@ def run_until_a_rank_dies(fn: Callable, world_size: int = 2, *args: Any, timeout
 
 
 def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = 300) -> list[Any]:
-    ctx = mp.get_context("spawn")
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="spawn-") as out_dir:
-        procs = [ctx.Process(target=_worker, args=(fn, args, r, world_size, port, out_dir)) for r in range(world_size)]
-        for proc in procs:
-            proc.start()
+        procs = _start_ranks(fn, world_size, args, out_dir)
         deadline_hit = False
         for proc in procs:
             proc.join(timeout=timeout_s)
