@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigmodel_dist.checkpoint.async_writer import SnapshotCheckpointEngine
 from bigmodel_dist.checkpoint.manager import CheckpointManager, ResumePoint
 from bigmodel_dist.checkpoint.reshard import convert_to_universal
 from bigmodel_dist.config.loader import save_config, to_dict
@@ -82,6 +83,9 @@ class Trainer:
         torch.manual_seed(self.cfg.seed + 1000 * facts.rank)  # dropout differs per rank, same on every run
         if resume is not None:
             self._load(resume, load_from)
+        if self.cfg.checkpoint.async_save:  # DeepSpeed hands its state to us instead of writing it
+            engine = self.runtime.engine
+            engine.checkpoint_engine = SnapshotCheckpointEngine(engine._config)
         self.stopper = StopController(self.cfg.checkpoint.stop_signals, self.cfg.checkpoint.end_time or facts.job_end_time,
                                       self.cfg.checkpoint.time_limit_margin_s, facts.is_main, self.runtime.device)
         self.loader = BatchLoader(self.dataset.train, resolved.layout, facts.rank, self.cfg.seed,
@@ -184,9 +188,10 @@ class Trainer:
             "run_started_at": self._run_started_at,
             "productive_s": self._productive_s,
             "config": to_dict(self.cfg),
-        }, write_extra=lambda d: self.tokenizer.save_pretrained(str(d / "tokenizer")))  # self-contained for export
-        elapsed = time.perf_counter() - started
-        log.info("saved checkpoint %s in %.2fs", path, elapsed)
+        }, write_extra=lambda d: self.tokenizer.save_pretrained(str(d / "tokenizer")),  # self-contained for export
+           engine=self.runtime.engine)
+        elapsed = time.perf_counter() - started  # with async_save: the stall only, writing goes on
+        log.info("%s checkpoint %s in %.2fs", "snapshotted" if self.cfg.checkpoint.async_save else "saved", path, elapsed)
         self.metrics.log(self.state.step, {"checkpoint/save_s": elapsed})
         return path
 
@@ -272,6 +277,7 @@ class Trainer:
         )
 
     def _finish(self) -> None:
+        self.checkpoints.wait()  # the last checkpoint is committed before anyone calls the run done
         self.runtime.accelerator.wait_for_everyone()
         if self.facts.is_main:
             # A marker the launcher reads: workers' exit codes do not survive torchrun (it exits 1).
@@ -286,6 +292,7 @@ class Trainer:
                      f", W&B files in {self.metrics.wandb_dir}" if self.metrics.wandb_dir else "")
 
     def close(self) -> None:
+        self.checkpoints.wait()
         self.stopper.close()
         self.loader.close()
         self.metrics.close()

@@ -95,3 +95,20 @@ def test_bad_checkpoints_and_mismatched_configs_are_refused(tmp_path, data_cache
     (newer / "bigmodel_meta.json").write_text(json.dumps({**meta, "format_version": 99}))
     _last_line_error(_train_cli([*base, f"--resume={newer}"], tmp_path, cli_env), "format 99", "upgrade")
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before  # nothing touched
+
+
+def test_async_save_commits_verified_checkpoints_and_resumes_exactly(tmp_path, data_cache):
+    straight = run_distributed(train_and_collect, 2, _overrides(tmp_path, data_cache, 8, name="straight"))[0]["losses"]
+    extra = {"checkpoint.async_save": "true", "checkpoint.keep_last": 5}
+    first = run_distributed(train_and_collect, 2, _overrides(tmp_path, data_cache, 6, **extra))[0]["losses"]
+    run_dir = tmp_path / "run"
+    assert _steps(run_dir) == [2, 4, 6]  # every background write was committed, the last one before exit
+    for step in (2, 4, 6):
+        ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+        meta = json.loads((ckpt / "bigmodel_meta.json").read_text())
+        assert meta["step"] == step and any(name.endswith("optim_states.pt") for name in meta["files"])
+        assert {f"random_states_{r}.pkl" for r in range(2)} <= set(meta["files"])
+        for name, info in meta["files"].items():
+            assert (ckpt / name).stat().st_size == info["size"]
+    second = run_distributed(train_and_collect, 2, _overrides(tmp_path, data_cache, 8, **extra))[0]["losses"]
+    assert first + second == straight  # the snapshot held step 6's state, not a later one

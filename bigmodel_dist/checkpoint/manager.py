@@ -17,6 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from bigmodel_dist.checkpoint.async_writer import BackgroundWriter, wait_for_reports
 from bigmodel_dist.checkpoint.integrity import (
     FORMAT_VERSION,
     META_NAME,
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # DeepSpeed's ds_to_universal refuses checkpoints without this client state (see NOTES).
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+ASYNC_COMMIT_TIMEOUT_S = 3600.0  # rank 0 waits this long for every rank's background write
 
 
 @dataclass(frozen=True)
@@ -56,13 +58,18 @@ class CheckpointManager:
         self.dir = run_dir / "checkpoints"
         self.cfg = cfg
         self.facts = facts
+        self._writer = BackgroundWriter()
 
     # ---- save -------------------------------------------------------------------------------------
-    def save(self, accelerator, step: int, meta: dict[str, Any], write_extra: Callable[[Path], None] | None = None) -> Path:
+    def save(self, accelerator, step: int, meta: dict[str, Any], write_extra: Callable[[Path], None] | None = None,
+             engine=None) -> Path:
         """Write step `step` into a partial dir, checksum it (ranks share the work), commit by rename.
 
-        `write_extra(dir)` runs on rank 0 to add small files (the tokenizer) before checksumming.
+        `write_extra(dir)` runs on rank 0 to add small files (the tokenizer) before checksumming. With
+        `checkpoint.async_save`, pass the DeepSpeed `engine`: the state is snapshotted here and written,
+        checksummed and committed by a background thread (`wait()` joins it).
         """
+        self.wait()  # never two writes at once: the previous snapshot leaves memory first
         final = self.dir / step_dir_name(step)
         if _broadcast(final.is_dir() if self.facts.is_main else None):
             return final  # already committed at this step (e.g. an interval save right before the end)
@@ -75,22 +82,49 @@ class CheckpointManager:
         if self.facts.is_main and write_extra is not None:
             write_extra(partial)
         accelerator.wait_for_everyone()
+        header = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(), **meta}
+        if self.cfg.async_save:
+            self._finish_in_background(engine, partial, final, header)
+            return final
         files = _broadcast(list_files(partial) if self.facts.is_main else None)
         mine = describe_files(partial, files[self.facts.rank :: self.facts.world_size])
         shares: list[dict] = [{} for _ in range(self.facts.world_size)]
         dist.all_gather_object(shares, mine)
         if self.facts.is_main:
-            described = {name: info for share in shares for name, info in share.items()}
-            payload = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(), **meta,
-                       "files": dict(sorted(described.items()))}
-            write_json_atomically(partial / META_NAME, payload)
-            fsync_path(partial)
-            os.rename(partial, final)
-            fsync_path(self.dir)
-            write_text_atomically(self.dir / "latest", final.name + "\n")
-            self._apply_retention()
+            self._commit(partial, final, header, {name: info for share in shares for name, info in share.items()})
         accelerator.wait_for_everyone()  # no rank runs ahead of the commit
         return final
+
+    def _finish_in_background(self, engine, partial: Path, final: Path, header: dict[str, Any]) -> None:
+        rank, world = self.facts.rank, self.facts.world_size
+        # Files written synchronously (RNG states, tokenizer, DeepSpeed's scripts): rank 0 reports
+        # everything already there, other ranks their own RNG state.
+        present = list_files(partial)
+        sync_files = present if self.facts.is_main else [f for f in present if f == f"random_states_{rank}.pkl"]
+
+        def commit() -> None:
+            described = wait_for_reports(partial, world, timeout_s=ASYNC_COMMIT_TIMEOUT_S)
+            if described is None:
+                log.error("checkpoint %s: not every rank reported its files; left uncommitted", partial.name)
+                return
+            self._commit(partial, final, header, described)
+
+        self._writer.write_in_background(engine.checkpoint_engine.take_pending(), partial, rank, sync_files,
+                                         then=commit if self.facts.is_main else None)
+
+    def _commit(self, partial: Path, final: Path, header: dict[str, Any], described: dict[str, dict]) -> None:
+        """Rank 0: metadata last, then the atomic rename, then the `latest` pointer, then retention."""
+        write_json_atomically(partial / META_NAME, {**header, "files": dict(sorted(described.items()))})
+        fsync_path(partial)
+        os.rename(partial, final)
+        fsync_path(self.dir)
+        write_text_atomically(self.dir / "latest", final.name + "\n")
+        self._apply_retention()
+        log.info("committed checkpoint %s", final)
+
+    def wait(self) -> None:
+        """Join this rank's background write (and on rank 0 the commit); a no-op for synchronous saves."""
+        self._writer.wait()
 
     def _apply_retention(self) -> None:
         keep_every = self.cfg.keep_every

@@ -175,6 +175,8 @@ class CheckpointConfig:
     """Keep the newest N checkpoints; older ones are deleted after a newer one is committed."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this, for good; 0 keeps none extra."""
+    async_save: bool = False
+    """Snapshot to host memory and write in a background thread; the loop stalls only for the copy."""
     resume: str = "latest"
     """latest (newest good checkpoint of this run, if any), none (refuse a run dir that has some), or a path."""
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
