@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bigmodel_dist.checkpoint.async_writer import SnapshotCheckpointEngine
-from bigmodel_dist.checkpoint.manager import CheckpointManager, ResumePoint
+from bigmodel_dist.checkpoint.manager import CheckpointManager, ResumePoint, check_resumable
 from bigmodel_dist.checkpoint.reshard import convert_to_universal
 from bigmodel_dist.config.loader import save_config, to_dict
 from bigmodel_dist.config.schema import OptimConfig
@@ -27,7 +27,6 @@ from bigmodel_dist.data.dataset import PackedDataset
 from bigmodel_dist.data.loader import BatchLoader
 from bigmodel_dist.data.prepare import prepare_data
 from bigmodel_dist.distributed import DistributedFacts, on_rank0_then_shared
-from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.metrics import MetricsLogger, device_peak_tflops
 from bigmodel_dist.model_presets import flops_per_token
 from bigmodel_dist.models import build_model, weight_decay_groups
@@ -297,18 +296,6 @@ class Trainer:
         self.loader.close()
         self.metrics.close()
         self.runtime.accelerator.end_training()
-
-
-def check_resumable(resume: ResumePoint, resolved: ResolvedRun) -> None:
-    """The checkpoint must be of this model and batch shape (the data cursor counts global batches)."""
-    meta, cfg = resume.meta, resolved.config
-    wanted = {"model": {"preset": cfg.model.preset, "vocab_size": resolved.shape.vocab_size,
-                        "num_parameters": resolved.num_parameters},
-              "global_batch_size": resolved.layout.global_batch_size, "seq_len": cfg.data.seq_len}
-    for key, value in wanted.items():
-        if meta.get(key) != value:
-            raise UserInputError(f"checkpoint {resume.path}: written with {key}={meta.get(key)}, the config has {value}; "
-                                 "use the checkpoint's settings or a new run name")
 
 
 def _grad_norm(engine) -> float:

@@ -69,6 +69,18 @@ def _build_parser() -> argparse.ArgumentParser:
     local.add_argument("--master-addr", default="127.0.0.1")
     local.add_argument("--master-port", type=int, default=29500)
     local.set_defaults(handler=_cmd_launch_local)
+
+    slurm = backends.add_parser("slurm", help="sbatch slurm/pretrain_gpt.sh on this cluster", epilog=OVERRIDES_HELP)
+    slurm.add_argument("config")
+    slurm.add_argument("--nodes", type=int, default=1)
+    slurm.add_argument("--gpus-per-node", type=int, default=0, help="GPUs (= processes) per node; 0 on CPU nodes")
+    slurm.add_argument("--nproc-per-node", type=int, default=0, help="processes per node when it is not the GPU count")
+    slurm.add_argument("--time", help="sbatch --time, e.g. 24:00:00")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--sbatch-arg", action="append", default=[], help="passed to sbatch as is (repeatable)")
+    slurm.add_argument("--dry-run", action="store_true", help="print the sbatch command, submit nothing")
+    slurm.set_defaults(handler=_cmd_launch_slurm)
     return parser
 
 
@@ -202,6 +214,12 @@ def _cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserInputError(f"{run_dir}: no metrics.jsonl; give a run directory such as runs/gpt2-tiny")
     print(plot_run(run_dir, Path(args.out) if args.out else None))
     return 0
+
+
+def _cmd_launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
+    from launcher.slurm import launch_slurm
+
+    return launch_slurm(args, overrides)
 
 
 def _cmd_launch_local(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -173,3 +173,24 @@ class CheckpointManager:
         dist.all_gather_object(problems, mine)
         first = next((p for p in problems if p), None)
         return first, (None if first else meta)
+
+
+def check_resumable(resume: ResumePoint, resolved) -> None:
+    """The checkpoint must be of this model and batch shape (the data cursor counts global batches)."""
+    meta, cfg = resume.meta, resolved.config
+    wanted = {"model": {"preset": cfg.model.preset, "vocab_size": resolved.shape.vocab_size,
+                        "num_parameters": resolved.num_parameters},
+              "global_batch_size": resolved.layout.global_batch_size, "seq_len": cfg.data.seq_len}
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            raise UserInputError(f"checkpoint {resume.path}: written with {key}={meta.get(key)}, the config has {value}; "
+                                 "use the checkpoint's settings or a new run name")
+
+
+def newest_committed(run_dir: Path) -> ResumePoint | None:
+    """The newest step directory with readable metadata (no checksums: a quick look, e.g. pre-flight)."""
+    for path in step_dirs(run_dir / "checkpoints"):
+        meta, problem = read_meta(path)
+        if problem is None:
+            return ResumePoint(path, meta)
+    return None

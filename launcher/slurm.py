@@ -1,0 +1,109 @@
+"""Slurm: `bigmodel launch slurm` submits slurm/pretrain_gpt.sh; `python -m launcher.slurm preflight`
+is what that script runs first on the batch node. The sbatch script stays thin; the logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from bigmodel_dist.config import load_config
+from bigmodel_dist.config.validate import ResolvedRun, resolve_run
+from bigmodel_dist.errors import EXIT_USAGE, UserInputError
+from launcher.logs import setup_logging
+
+log = logging.getLogger(__name__)
+SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "pretrain_gpt.sh"
+
+
+def sbatch_command(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> list[str]:
+    """The exact sbatch call: resources from the options, logs in the run directory."""
+    command = ["sbatch", "--parsable", f"--job-name={run_dir.name}", f"--nodes={args.nodes}",
+               f"--output={run_dir.resolve() / 'logs' / '%x-%j.out'}"]
+    if args.gpus_per_node:
+        command.append(f"--gpus-per-node={args.gpus_per_node}")
+    else:  # CPU nodes: processes per node come from --nproc-per-node
+        command.append("--gpus-per-node=0")
+    for flag, value in (("--time", args.time), ("--partition", args.partition), ("--account", args.account)):
+        if value:
+            command.append(f"{flag}={value}")
+    if args.nproc_per_node:
+        command.append(f"--export=ALL,BIGMODEL_NPROC_PER_NODE={args.nproc_per_node}")
+    return [*command, *args.sbatch_arg, str(SCRIPT), args.config, *overrides]
+
+
+def launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
+    setup_logging()
+    per_node = args.nproc_per_node or args.gpus_per_node or 1
+    resolved = resolve_run(load_config(args.config, overrides), args.nodes * per_node)
+    command = sbatch_command(args, overrides, resolved.run_dir)
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    (resolved.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserInputError(f"sbatch refused the job: {result.stderr.strip().splitlines()[-1]}")
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}; logs: {resolved.run_dir / 'logs' / f'{resolved.run_dir.name}-{job_id}.out'}; "
+          f"run dir: {resolved.run_dir}")
+    return 0
+
+
+def preflight(config: str, overrides: list[str]) -> ResolvedRun:
+    """On the batch node, before any srun: log versions and nodes, check config, GPUs and run name."""
+    import torch
+
+    from bigmodel_dist.checkpoint.manager import check_resumable, newest_committed
+
+    nodes = os.environ.get("SLURM_JOB_NODELIST", "?")
+    nnodes = int(os.environ.get("SLURM_NNODES", "1"))
+    per_node = int(os.environ.get("NPROC_PER_NODE", "1"))
+    log.info("job %s (restart %s) on %s: %d node(s) x %d process(es); python %s, torch %s, %s",
+             os.environ.get("SLURM_JOB_ID", "?"), os.environ.get("SLURM_RESTART_COUNT", "0"), nodes, nnodes, per_node,
+             platform.python_version(), torch.__version__, _versions())
+    gpus_here = torch.cuda.device_count()
+    if gpus_here and per_node > gpus_here:
+        raise UserInputError(f"{per_node} processes per node but this node has {gpus_here} GPU(s); "
+                             "lower --gpus-per-node / BIGMODEL_NPROC_PER_NODE")
+    resolved = resolve_run(load_config(config, overrides), nnodes * per_node, has_cuda=bool(gpus_here))
+    previous = newest_committed(resolved.run_dir)
+    if previous is not None:  # the run name is the resume key: it must name the same run
+        check_resumable(previous, resolved)
+    return resolved
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("deepspeed", "accelerate", "transformers"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} missing")
+    return ", ".join(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2 or argv[0] != "preflight":
+        print("usage: python -m launcher.slurm preflight CONFIG [overrides]", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging()
+    try:
+        preflight(argv[1], argv[2:])
+    except UserInputError as exc:
+        print(f"bigmodel: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

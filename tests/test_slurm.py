@@ -1,0 +1,115 @@
+"""`sbatch slurm/pretrain_gpt.sh` on a real local Slurm cluster (munge, slurmctld, two slurmd nodes)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, TINY
+
+pytestmark = pytest.mark.distributed
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _submit(tmp_path: Path, data_cache: Path, env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "slurm", str(REPO / "configs" / "gpt2-tiny.yaml"),
+                           *args, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+                           "--train.eval_every=0", "--logging.wandb_mode=disabled"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _job_id(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    return re.search(r"submitted job (\d+)", result.stdout).group(1)
+
+
+def _job_field(job: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{field}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def _wait(job: str, timeout: float = 240, until=DONE) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _job_field(job, "JobState")
+        if state in until:
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job])  # our own job only
+    raise AssertionError(f"job {job} still {_job_field(job, 'JobState')} after {timeout}s")
+
+
+def _log(run_dir: Path, job: str) -> str:
+    return (run_dir / "logs" / f"{run_dir.name}-{job}.out").read_text()
+
+
+def test_one_node_two_processes_zero2(slurm_cluster, tmp_path, data_cache, cli_env):
+    job = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=2", "--name=one",
+                          "--train.max_steps=4", "--checkpoint.every=2", "--deepspeed.config=zero2"))
+    assert _wait(job) == "COMPLETED", _log(tmp_path / "one", job)[-3000:]
+    run_dir = tmp_path / "one"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    meta = json.loads((run_dir / "checkpoints" / "step_00000004" / "bigmodel_meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["zero_stage"] == 2
+    log = _log(run_dir, job)
+    assert "python" in log and "torch" in log and "deepspeed" in log  # versions and nodes logged at start
+
+
+def test_two_nodes_zero3_every_node_takes_part(slurm_cluster, tmp_path, data_cache, cli_env):
+    job = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=2", "--nproc-per-node=1", "--name=two",
+                          "--train.max_steps=3", "--deepspeed.config=zero3"))
+    run_dir = tmp_path / "two"
+    assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
+    meta = json.loads((run_dir / "checkpoints" / "step_00000003" / "bigmodel_meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["zero_stage"] == 3
+    assert {f"pytorch_model/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(2)} <= set(meta["files"])
+    log = _log(run_dir, job)
+    # srun --label prefixes each line with its task (= node) number: both nodes ran their launcher
+    assert re.search(r"^0: .*launching 1 process", log, re.M) and re.search(r"^1: .*launching 1 process", log, re.M)
+    assert "n1" in log and "n2" in log
+
+
+def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, data_cache, cli_env):
+    run_dir = tmp_path / "requeue"
+    job = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=2", "--name=requeue",
+                          "--train.max_steps=60", "--checkpoint.every=0"))
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # what --signal=B:USR1 sends
+    assert _wait(job, until=DONE | {"PENDING"}) in ("PENDING", "COMPLETED")
+    assert _wait(job, timeout=300) == "COMPLETED", _log(run_dir, job)[-3000:]
+    assert _job_field(job, "Restarts") == "1"
+    stopped = json.loads((run_dir / "STOPPED").read_text())
+    log = _log(run_dir, job)  # --open-mode=append: both runs in one file
+    assert "requeueing job" in log and f"at step {stopped['step']}" in log
+    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 60
+
+
+def test_bad_submissions_fail_clearly_without_requeue(slurm_cluster, tmp_path, data_cache, cli_env):
+    too_many = _submit(tmp_path, data_cache, cli_env, "--nodes=1", "--gpus-per-node=3", "--name=gpus")
+    assert too_many.returncode == 2 and "sbatch refused the job" in too_many.stderr
+    # a config the run name's checkpoints were not written with: pre-flight stops it, no requeue
+    first = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=1", "--name=same",
+                            "--train.max_steps=2"))
+    assert _wait(first) == "COMPLETED"
+    other = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=1", "--name=same",
+                            "--train.max_steps=4", "--model.vocab_size=1024"))
+    assert _wait(other) == "FAILED"
+    assert _job_field(other, "Restarts") == "0"
+    assert "bigmodel: error:" in _log(tmp_path / "same", other) and "vocab_size" in _log(tmp_path / "same", other)
+    # no config argument at all: the script's own one-line usage error
+    bare = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={tmp_path}/bare-%j.out",
+                           str(REPO / "slurm" / "pretrain_gpt.sh")], cwd=REPO, env=cli_env, capture_output=True, text=True)
+    job = bare.stdout.strip()
+    assert _wait(job) == "FAILED"
+    assert "no config" in (tmp_path / f"bare-{job}.out").read_text()
