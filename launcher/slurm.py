@@ -62,7 +62,9 @@ def preflight(config: str, overrides: list[str]) -> ResolvedRun:
 
     from bigmodel_dist.checkpoint.manager import check_resumable, newest_committed
 
-    nodes = os.environ.get("SLURM_JOB_NODELIST", "?")
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    expanded = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True).stdout
+    nodes = ",".join(expanded.split()) or nodelist or "?"
     nnodes = int(os.environ.get("SLURM_NNODES", "1"))
     per_node = int(os.environ.get("NPROC_PER_NODE", "1"))
     log.info("job %s (restart %s) on %s: %d node(s) x %d process(es); python %s, torch %s, %s",

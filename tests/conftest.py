@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from .cluster.fixtures import slurm_cluster  # noqa: F401  (a real local Slurm cluster, session-wide)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Settings every spawned rank must share: tiny model, small corpus, no W&B network.

@@ -19,8 +19,8 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 
 def _submit(tmp_path: Path, data_cache: Path, env, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "slurm", str(REPO / "configs" / "gpt2-tiny.yaml"),
-                           *args, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
-                           "--train.eval_every=0", "--logging.wandb_mode=disabled"],
+                           *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+                           "--train.eval_every=0", "--logging.wandb_mode=disabled", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -96,7 +96,8 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, data_cache, cl
 
 
 def test_bad_submissions_fail_clearly_without_requeue(slurm_cluster, tmp_path, data_cache, cli_env):
-    too_many = _submit(tmp_path, data_cache, cli_env, "--nodes=1", "--gpus-per-node=3", "--name=gpus")
+    too_many = _submit(tmp_path, data_cache, cli_env, "--nodes=1", "--gpus-per-node=3", "--name=gpus",
+                       "--train.global_batch_size=12")  # valid for 3 ranks: only Slurm can say no
     assert too_many.returncode == 2 and "sbatch refused the job" in too_many.stderr
     # a config the run name's checkpoints were not written with: pre-flight stops it, no requeue
     first = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=1", "--name=same",

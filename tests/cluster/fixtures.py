@@ -37,7 +37,7 @@ def running_daemons(base: Path) -> list[str]:
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """Start the cluster (or reuse a running one); stop it at the end only if this session started it."""
     if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (daemons, namespaces, apt)")
+        pytest.fail("the local Slurm cluster needs root (daemons, namespaces, apt): run the tests as root, as CI does")
     base = Path(os.environ.get("BIGMODEL_SLURM_BASE", "/tmp/bigmodel-slurm"))
     started_here = not running_daemons(base)
     try:
