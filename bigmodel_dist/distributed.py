@@ -37,6 +37,21 @@ class DistributedFacts:
         return f"[rank {self.rank}/{self.world_size}]"
 
 
+def torchrun_env_from_slurm(env: Mapping[str, str]) -> dict[str, str]:
+    """The torchrun variables for a process that srun started directly (one task per GPU), or {}
+    when a launcher (torchrun) already set them or this is not a Slurm task."""
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0].split(",")[0]
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_WORLD_SIZE": per_node or env["SLURM_NTASKS"],
+        "GROUP_RANK": env.get("SLURM_NODEID", "0"),
+    }
+
+
 def facts_from_env(env: Mapping[str, str] | None = None) -> DistributedFacts:
     """Facts from torchrun-style variables; a plain `python` process is rank 0 of 1."""
     env = os.environ if env is None else env

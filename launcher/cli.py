@@ -99,9 +99,10 @@ def resume_override(args: argparse.Namespace) -> list[str]:
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.config import load_config
     from bigmodel_dist.config.validate import resolve_run
-    from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.distributed import facts_from_env, torchrun_env_from_slurm
     from launcher.logs import setup_logging
 
+    os.environ.update(torchrun_env_from_slurm(os.environ))  # srun's one-task-per-GPU mode
     if "WORLD_SIZE" not in os.environ:  # plain `bigmodel train`: a process group of one on loopback
         from launcher.ports import free_port
 

@@ -144,3 +144,26 @@ def test_validate_prints_derived_figures_fast(tmp_path, cli_env):
     out = subprocess.run([sys.executable, "-c", probe % str(REPO / "configs" / "gpt2-tiny.yaml")],
                          cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().endswith("[]"), out.stdout
+
+
+def test_slurm_task_variables_become_torchrun_variables():
+    from bigmodel_dist.distributed import facts_from_env, torchrun_env_from_slurm
+
+    slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2",
+             "SLURM_NODEID": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "23456"}
+    facts = facts_from_env({**slurm, **torchrun_env_from_slurm(slurm)})
+    assert (facts.rank, facts.local_rank, facts.world_size, facts.local_world_size, facts.node_rank) == (3, 1, 4, 2, 1)
+    assert facts.num_nodes == 2 and facts.master_addr == "n1"
+    assert torchrun_env_from_slurm({**slurm, "WORLD_SIZE": "4"}) == {}  # torchrun already decided
+
+
+def test_launch_slurm_dry_run_prints_the_exact_sbatch_command(tmp_path, cli_env):
+    result = _cli(["launch", "slurm", str(REPO / "configs" / "gpt2-tiny.yaml"), "--nodes=2", "--nproc-per-node=2",
+                   "--time=00:10:00", "--dry-run", f"--output_dir={tmp_path}", "--train.max_steps=5"], tmp_path, cli_env)
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.strip()
+    assert command.startswith("sbatch --parsable --job-name=gpt2-tiny --nodes=2 ")
+    assert "--time=00:10:00" in command and "BIGMODEL_NPROC_PER_NODE=2" in command
+    assert command.endswith(f"{REPO / 'slurm' / 'pretrain_gpt.sh'} {REPO / 'configs' / 'gpt2-tiny.yaml'} "
+                            f"--output_dir={tmp_path} --train.max_steps=5")
+    assert not (tmp_path / "gpt2-tiny").exists()  # a dry run writes nothing

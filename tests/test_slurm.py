@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bigmodel_dist.metrics_file import read_metrics
+
 from .conftest import REPO, TINY
 
 pytestmark = pytest.mark.distributed
@@ -62,8 +64,10 @@ def test_one_node_two_processes_zero2(slurm_cluster, tmp_path, data_cache, cli_e
     assert "python" in log and "torch" in log and "deepspeed" in log  # versions and nodes logged at start
 
 
-def test_two_nodes_zero3_every_node_takes_part(slurm_cluster, tmp_path, data_cache, cli_env):
-    job = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=2", "--nproc-per-node=1", "--name=two",
+@pytest.mark.parametrize("mode", ["torchrun", "tasks"])
+def test_two_nodes_zero3_every_node_takes_part(slurm_cluster, tmp_path, data_cache, cli_env, mode):
+    env = {**cli_env, "BIGMODEL_SLURM_MODE": mode}  # tasks: srun starts the ranks, no torchrun
+    job = _job_id(_submit(tmp_path, data_cache, env, "--nodes=2", "--nproc-per-node=1", "--name=two",
                           "--train.max_steps=3", "--deepspeed.config=zero3"))
     run_dir = tmp_path / "two"
     assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
@@ -71,28 +75,54 @@ def test_two_nodes_zero3_every_node_takes_part(slurm_cluster, tmp_path, data_cac
     assert meta["world_size"] == 2 and meta["zero_stage"] == 3
     assert {f"pytorch_model/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(2)} <= set(meta["files"])
     log = _log(run_dir, job)
-    # srun --label prefixes each line with its task (= node) number: both nodes ran their launcher
-    assert re.search(r"^0: .*launching 1 process", log, re.M) and re.search(r"^1: .*launching 1 process", log, re.M)
-    assert "n1" in log and "n2" in log
+    assert "n1,n2" in log  # the expanded node list, logged by the pre-flight
+    # srun --label prefixes each line with its task number: both nodes' ranks ran and logged
+    if mode == "torchrun":
+        assert re.search(r"^0: .*launching 1 process", log, re.M) and re.search(r"^1: .*launching 1 process", log, re.M)
+    else:
+        assert re.search(r"^0: .*\[rank 0/2\]", log, re.M) and re.search(r"^1: ", log, re.M)
 
 
-def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, data_cache, cli_env):
+@pytest.fixture(scope="module")
+def straight_losses(tmp_path_factory, data_cache):
+    """Per-step losses of the uninterrupted run, same config, 1 node x 2 processes (launch local)."""
+    out = tmp_path_factory.mktemp("straight")
+    subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "local", str(REPO / "configs" / "gpt2-tiny.yaml"),
+                    "--nproc-per-node=2", *TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache}",
+                    "--train.eval_every=0", "--logging.wandb_mode=disabled", "--name=straight", *PREEMPT_RUN],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    return read_metrics(out / "straight" / "metrics.jsonl").series("loss")[1]
+
+
+PREEMPT_RUN = ["--train.max_steps=30", "--checkpoint.every=0"]
+
+
+@pytest.mark.parametrize("how", ["scancel-usr1", "scontrol-requeue"])
+def test_preempted_job_requeues_resumes_and_matches_the_straight_run(slurm_cluster, tmp_path, data_cache, cli_env,
+                                                                     straight_losses, how):
     run_dir = tmp_path / "requeue"
     job = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=2", "--name=requeue",
-                          "--train.max_steps=60", "--checkpoint.every=0"))
+                          "--logging.wandb_mode=offline", *PREEMPT_RUN))
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.5)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # what --signal=B:USR1 sends
-    assert _wait(job, until=DONE | {"PENDING"}) in ("PENDING", "COMPLETED")
+    if how == "scancel-usr1":  # what --signal=B:USR1@grace sends before the time limit
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    else:  # an operator or the scheduler requeues the running job (SIGTERM to its processes)
+        subprocess.run(["scontrol", "requeue", job], check=True)
     assert _wait(job, timeout=300) == "COMPLETED", _log(run_dir, job)[-3000:]
-    assert _job_field(job, "Restarts") == "1"
+    assert _job_field(job, "Restarts") == "1"  # SLURM_RESTART_COUNT=1 in the second run
     stopped = json.loads((run_dir / "STOPPED").read_text())
     log = _log(run_dir, job)  # --open-mode=append: both runs in one file
-    assert "requeueing job" in log and f"at step {stopped['step']}" in log
-    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 60
+    assert f"at step {stopped['step']}" in log and "restart 1" in log
+    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 30
+    history = read_metrics(metrics)
+    assert [r["step"] for r in history.restarts] == [stopped["step"]]
+    assert history.series("loss")[1] == straight_losses  # bit-exact across the requeue
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert [p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True, True]
 
 
 def test_bad_submissions_fail_clearly_without_requeue(slurm_cluster, tmp_path, data_cache, cli_env):
