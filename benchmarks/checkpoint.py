@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.report import report
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["--model.preset=gpt2-124m", "--model.vocab_size=8192", "--data.max_bytes=4000000", "--data.seq_len=256",
          "--train.global_batch_size=4", "--train.micro_batch_size=1", "--train.precision=fp32",
@@ -44,13 +45,17 @@ def _worker(args: argparse.Namespace) -> None:
     trainer = Trainer(resolve_run(cfg, facts.world_size), facts)
     trainer.train()  # one step: optimizer states exist; saves step 1
     engine = trainer.runtime.engine
-    ours, raw = [], []
-    for i in range(args.repeats):
-        trainer.state.step = 100 + i
+
+    def timed_save(step: int) -> float:
+        trainer.state.step = step
         dist.barrier()
         started = time.perf_counter()
         trainer.save_checkpoint()
-        ours.append(time.perf_counter() - started)
+        return time.perf_counter() - started
+
+    ours, raw = [], []
+    for i in range(args.repeats):
+        ours.append(timed_save(100 + i))
         state = {"optimizer": engine.optimizer.state_dict()}
         if facts.is_main:
             state["module"] = engine.module.state_dict()
@@ -67,11 +72,7 @@ def _worker(args: argparse.Namespace) -> None:
     engine.checkpoint_engine = SnapshotCheckpointEngine(engine._config)
     stalls = []
     for i in range(args.repeats):
-        trainer.state.step = 200 + i
-        dist.barrier()
-        started = time.perf_counter()
-        trainer.save_checkpoint()
-        stalls.append(time.perf_counter() - started)
+        stalls.append(timed_save(200 + i))
         trainer.checkpoints.wait()  # measure each stall alone, not behind the previous write
         dist.barrier()
     ckpt = trainer.run_dir / "checkpoints" / "step_00000100"
@@ -134,11 +135,7 @@ def main() -> int:
         {"figure": "restart ÷ cold start (to step)", "ratio": restart / cold, "goal": "<= 1.2",
          "detail": f"{restart:.1f}s vs {cold:.1f}s"},
     ]
-    print("\ncheckpoint (92M GPT-2 fp32, ZeRO-2, 2 ranks)")
-    for row in rows:
-        print(f"{row['figure']:<32}{row['ratio']:>7.2f}   goal {row['goal']:<7} {row['detail']}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "checkpoint.json").write_text(json.dumps(rows, indent=2))
+    report("checkpoint", "checkpoint (92M GPT-2 fp32, ZeRO-2, 2 ranks)", rows)
     return 0
 
 

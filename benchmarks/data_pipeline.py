@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.report import report
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -162,11 +163,8 @@ def main() -> int:
         {"figure": "loader supply ÷ trainer use", "ratio": supply / consumption, "goal": ">= 50",
          "detail": f"{supply:.0f} vs {consumption:.1f} samples/s per rank"},
     ]
-    print(f"\ndata pipeline ({len(texts)} files, {args.mbytes} MB stdlib source, vocab {args.vocab}, {cores} cores)")
-    for row in rows:
-        print(f"{row['figure']:<30}{row['ratio']:>9.2f}   goal {row['goal']:<8} {row['detail']}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "data_pipeline.json").write_text(json.dumps(rows, indent=2))
+    report("data_pipeline", f"data pipeline ({len(texts)} files, {args.mbytes} MB stdlib source, vocab {args.vocab}, "
+           f"{cores} cores)", rows)
     return 0
 
 
