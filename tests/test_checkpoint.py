@@ -28,7 +28,6 @@ def _steps(run_dir: Path) -> list[int]:
 
 @pytest.mark.parametrize(("point", "rank", "resumes_at"), [
     ("shard_write", 1, 2),       # a rank dies writing its optimizer shard
-    ("before_checksums", 1, 2),  # every shard written, nothing verified
     ("before_commit", 0, 2),     # verified, metadata never written
     ("before_pointer", 0, 4),    # committed by rename; only the `latest` pointer is stale
 ])

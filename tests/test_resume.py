@@ -19,7 +19,7 @@ import pytest
 from .conftest import REPO
 
 pytestmark = pytest.mark.distributed
-STEPS = 14
+STEPS = 10
 
 
 def _launch(tmp_path: Path, data_cache: Path, env, name: str, stage: int, extra: list[str] = ()) -> subprocess.Popen:

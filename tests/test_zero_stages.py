@@ -32,8 +32,8 @@ def runs(tmp_path_factory, data_cache_module):
 
     out = tmp_path_factory.mktemp("zero")
     results = {}
-    for precision in ("fp32", "bf16"):
-        for stage in range(4):
+    for precision, stages in (("fp32", range(4)), ("bf16", (0, 1, 3))):
+        for stage in stages:
             overrides = [*TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache_module}",
                          f"--name={precision}-zero{stage}", f"--deepspeed.config=zero{stage}",
                          f"--train.precision={precision}", f"--train.max_steps={STEPS}", "--model.dropout=0.0",
@@ -67,8 +67,7 @@ def _max_param_diff(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("stage", range(4))
+@pytest.mark.parametrize(("precision", "stage"), [("fp32", s) for s in range(4)] + [("bf16", s) for s in (0, 1, 3)])
 def test_initial_loss_is_uniform_over_the_vocabulary(runs, precision, stage):
     losses = runs[precision, stage]["losses"]
     assert len(losses) == STEPS
@@ -83,7 +82,7 @@ def test_fp32_stages_match_stage_0(runs, stage):
     assert _max_param_diff(run["params"], ref["params"]) < 1e-5
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])
 def test_bf16_sharded_stages_match_each_other(runs, initial_params, stage):
     ref, run = runs["bf16", 1], runs["bf16", stage]
     np.testing.assert_allclose(run["losses"], ref["losses"], atol=2e-3)
