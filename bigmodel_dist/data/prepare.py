@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,12 @@ import numpy as np
 
 from bigmodel_dist.config.schema import DataConfig
 from bigmodel_dist.data.sources import check_input_files, input_files, load_text_dataset, source_fingerprint
-from bigmodel_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from bigmodel_dist.data.tokenizer import (
+    load_tokenizer,
+    save_tokenizer_atomically,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
 from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.fileio import file_checksum, write_bytes_atomically, write_json_atomically
 
@@ -62,7 +66,7 @@ def prepare_data(data_cfg: DataConfig, model_vocab_size: int, cache_dir: Path, p
         return out
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "tokenizer" / "tokenizer.json").is_file():
-        _save_tokenizer_atomically(tokenizer, out / "tokenizer")
+        save_tokenizer_atomically(tokenizer, out / "tokenizer")
     num_shards = max(1, math.ceil(dataset().data.nbytes / data_cfg.shard_bytes))
     shards = []
     for index in _progress(range(num_shards), progress, "prepare"):
@@ -204,17 +208,6 @@ def _write_shard(out: Path, index: int, shard_key: str, part, tokenizer, dtype, 
     return info
 
 
-
-
-def _save_tokenizer_atomically(tokenizer, folder: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tokenizer."))
-    tokenizer.save_pretrained(str(tmp))
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # a concurrent preparer put the same tokenizer there first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _hash(payload: dict[str, Any]) -> str:

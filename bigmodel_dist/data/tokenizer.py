@@ -30,14 +30,19 @@ def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: Path
     bpe.train_from_iterator(documents, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN],
                             show_progress=False)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS_TOKEN)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    save_tokenizer_atomically(tokenizer, out_dir)
+    return load_tokenizer(out_dir)
+
+
+def save_tokenizer_atomically(tokenizer, folder: Path) -> None:
+    """Save into a temp folder, then rename: a reader never sees half a tokenizer."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     tokenizer.save_pretrained(str(tmp))
     try:
-        os.replace(tmp, out_dir)
-    except OSError:  # another node's rank already put an identical one there
+        os.replace(tmp, folder)
+    except OSError:  # another rank or node put an identical one there first
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_tokenizer(out_dir)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
