@@ -54,8 +54,8 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self._progress = tqdm(total=max_steps, desc="train", unit="step", dynamic_ncols=True)
-        self.run_id = _run_id(run_dir)
-        self._wandb_run = _start_wandb(run_dir, logging_cfg, config, self.run_id)
+        self.run_id = wandb_run_id(run_dir)
+        self._wandb_run = start_wandb(run_dir, logging_cfg, config, self.run_id)
 
     def mark_restart(self, step: int) -> None:
         """A resume from `step`: later steps logged before are redone. metrics.jsonl records the restart
@@ -106,7 +106,7 @@ class MetricsLogger:
             self._file.close()
 
 
-def _run_id(run_dir: Path) -> str:
+def wandb_run_id(run_dir: Path) -> str:
     """The run's W&B id, kept in the run dir so every restart continues the same W&B run."""
     path = run_dir / "wandb_run_id"
     if path.is_file():
@@ -116,7 +116,7 @@ def _run_id(run_dir: Path) -> str:
     return run_id
 
 
-def _start_wandb(run_dir: Path, logging_cfg: LoggingConfig, config: dict, run_id: str):
+def start_wandb(run_dir: Path, logging_cfg: LoggingConfig, config: dict, run_id: str):
     mode = logging_cfg.wandb_mode
     if mode == "disabled":
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 
 import torch
@@ -29,6 +30,13 @@ class StopController:
         self._is_main = is_main
         self._flag = torch.zeros(1, dtype=torch.int32, device=device)
         self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            # Ray Train runs the loop in a thread, where Python cannot take signals; Ray restarts the
+            # group from the last checkpoint instead. The time limit still works.
+            if is_main and signal_names:
+                log.info("not the main thread: %s not watched; failures restart from the last checkpoint",
+                         ", ".join(signal_names))
+            return
         for name in signal_names:
             signum = getattr(signal, name)
             self._previous[signum] = signal.signal(signum, self._on_signal)

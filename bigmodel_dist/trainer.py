@@ -13,6 +13,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -54,9 +55,17 @@ class TrainState:
     stop_reason: str | None = None  # set when a signal or the time limit ended this run early
 
 
+class StepReporter(Protocol):
+    """Hears of every logged step and checkpoint (e.g. Ray Train's `report`). Called on all ranks alike."""
+
+    def report(self, step: int, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
+
+
 class Trainer:
-    def __init__(self, resolved: ResolvedRun, facts: DistributedFacts):
+    def __init__(self, resolved: ResolvedRun, facts: DistributedFacts, reporter: StepReporter | None = None):
         self.resolved = resolved
+        self.reporter = reporter
+        self._unreported: dict[str, Any] = {}  # this step's metrics, for the reporter
         self.cfg = resolved.config
         self.facts = facts
         self.run_dir = resolved.run_dir
@@ -114,11 +123,15 @@ class Trainer:
                 self._log_step(step_losses, lr, elapsed, self.state.step - last_log_step)
                 step_losses.clear()
             if train.eval_every and (self.state.step % train.eval_every == 0 or self._should_stop()):
-                self.metrics.log(self.state.step, {"eval/loss": (loss := self.evaluate()), "eval/ppl": math.exp(loss)})
+                self._log({"eval/loss": (loss := self.evaluate()), "eval/ppl": math.exp(loss)})
             self.state.stop_reason = self.stopper.agreed_stop()  # every rank, every step
             every = cfg.checkpoint.every
+            saved = None
             if self.state.stop_reason or self._should_stop() or (every and self.state.step % every == 0):
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
+            if self.reporter is not None and (self._unreported or saved):
+                self.reporter.report(self.state.step, self._unreported, saved)
+            self._unreported = {}
             if self.state.stop_reason:
                 break
             if logged:  # the next interval times training steps only, not eval or checkpoint stalls
@@ -191,7 +204,7 @@ class Trainer:
            engine=self.runtime.engine)
         elapsed = time.perf_counter() - started  # with async_save: the stall only, writing goes on
         log.info("%s checkpoint %s in %.2fs", "snapshotted" if self.cfg.checkpoint.async_save else "saved", path, elapsed)
-        self.metrics.log(self.state.step, {"checkpoint/save_s": elapsed})
+        self._log({"checkpoint/save_s": elapsed})
         return path
 
     def _loadable_copy(self, resume: ResumePoint, accelerator) -> Path:
@@ -221,6 +234,10 @@ class Trainer:
         log.info("resumed from %s at step %d (%d samples consumed)", resume.path, self.state.step,
                  resume.meta["samples_seen"])
 
+    def _log(self, metrics: dict[str, Any]) -> None:
+        self.metrics.log(self.state.step, metrics)
+        self._unreported.update(metrics)
+
     def _should_stop(self) -> bool:
         max_tokens = self.cfg.train.max_tokens
         return self.state.step >= self.cfg.train.max_steps or bool(max_tokens and self.state.tokens_seen >= max_tokens)
@@ -244,7 +261,7 @@ class Trainer:
         }
         if self._peak_flops:
             metrics["mfu"] = self._flops_per_step / step_time / (self._peak_flops * self.facts.world_size)
-        self.metrics.log(self.state.step, metrics)
+        self._log(metrics)
 
     def _peak_memory_gb(self) -> dict[str, object]:
         """Peak memory of every rank (GPU allocator, or the process's peak RSS on CPU): collective."""

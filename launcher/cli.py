@@ -1,4 +1,4 @@
-"""`bigmodel`: train | launch local | validate. Heavy imports stay inside the commands that need them.
+"""`bigmodel`: train | launch local|slurm|ray | validate | prepare | export | plot. Heavy imports stay inside the commands that need them.
 
 Every user error (config, file) prints one line and exits 2 before any process group starts.
 """
@@ -81,6 +81,10 @@ def _build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--sbatch-arg", action="append", default=[], help="passed to sbatch as is (repeatable)")
     slurm.add_argument("--dry-run", action="store_true", help="print the sbatch command, submit nothing")
     slurm.set_defaults(handler=_cmd_launch_slurm)
+
+    from launcher.ray_submit import add_parser as add_ray_parser
+
+    add_ray_parser(backends)
     return parser
 
 

@@ -35,6 +35,13 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def from_dict(raw: dict[str, Any]) -> Config:
+    """The inverse of `to_dict` (e.g. a config shipped to Ray workers), checked like a loaded one."""
+    config = _build(Config, raw, prefix="")
+    config.check()
+    return config
+
+
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically: temp file + rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")

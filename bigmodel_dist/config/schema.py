@@ -235,6 +235,40 @@ class LoggingConfig:
 
 
 @dataclass
+class RayConfig:
+    """Read by `python -m launcher.ray_job` only: the Ray Train scaling, failure and storage settings."""
+
+    num_workers: int = 2
+    """Ray Train workers (= data-parallel ranks), one per GPU on GPU clusters."""
+    use_gpu: bool = False
+    """Give each worker `gpus_per_worker` GPUs (NCCL); False runs on CPUs (gloo)."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs Ray reserves per worker (also sets the worker's thread count)."""
+    gpus_per_worker: float = 1.0
+    """GPUs Ray reserves per worker when use_gpu is set."""
+    max_failures: int = 3
+    """Worker-group restarts after a failure (FailureConfig); -1 retries forever."""
+    storage_path: str | None = None
+    """Ray's storage_path; None uses output_dir, so Ray's run folder is the run directory itself."""
+    checkpoints_to_keep: int | None = None
+    """CheckpointConfig(num_to_keep) for Ray's checkpoint records; None follows checkpoint.keep_last."""
+    address: str | None = None
+    """Ray cluster to join; None means RAY_ADDRESS (set by `ray job submit`) or a running local cluster."""
+    connect_timeout_s: float = 60.0
+    """Seconds to wait for the cluster before giving up with an error."""
+
+    def check(self) -> None:
+        _require_positive("ray", num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,
+                          connect_timeout_s=self.connect_timeout_s)
+        if self.use_gpu:
+            _require_positive("ray", gpus_per_worker=self.gpus_per_worker)
+        if self.max_failures < -1:
+            raise ConfigError("ray.max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}")
+        if self.checkpoints_to_keep is not None:
+            _require_positive("ray", checkpoints_to_keep=self.checkpoints_to_keep)
+
+
+@dataclass
 class Config:
     name: str = "gpt2-tiny"
     """Stable run name: the run directory is `<output_dir>/<name>`, so restarts and requeues find it."""
@@ -249,9 +283,11 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def check(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError("name", f"must be a plain folder name (no '/', not starting with '.'), got {self.name!r}")
-        for section in (self.model, self.data, self.optim, self.train, self.checkpoint, self.deepspeed, self.logging):
+        for section in (self.model, self.data, self.optim, self.train, self.checkpoint, self.deepspeed, self.logging,
+                        self.ray):
             section.check()

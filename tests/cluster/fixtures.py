@@ -60,3 +60,17 @@ def _start(base: Path) -> str:
     if start.returncode != 0 or not match:
         pytest.fail(f"start_slurm.sh failed (exit {start.returncode}):\n{start.stdout}{start.stderr[-6000:]}")
     return match[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray head confined to loopback (its own network namespace), stopped by PID at the end."""
+    from . import ray_cluster as local_ray
+
+    if os.geteuid() != 0:
+        pytest.fail("the local Ray cluster needs root (a network namespace): run the tests as root, as CI does")
+    cluster = local_ray.start()
+    try:
+        yield cluster
+    finally:
+        local_ray.stop()

@@ -1,0 +1,186 @@
+"""The Ray entry point: `ray job submit --working-dir . -- python -m launcher.ray_job CONFIG [overrides]`.
+
+Runs on the cluster (the job's driver): checks the config and the cluster before any worker starts,
+prepares the data once, then runs Ray Train's TorchTrainer whose workers run the shared trainer
+(`launcher/ray_worker.py`). Restarts after worker failures come from FailureConfig; resubmitting the
+same run name resumes (Ray's run folder and our checkpoints both live in the run directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from bigmodel_dist.config import load_config
+from bigmodel_dist.config.loader import to_dict
+from bigmodel_dist.config.schema import Config
+from bigmodel_dist.config.validate import ResolvedRun, resolve_run
+from bigmodel_dist.errors import EXIT_USAGE, UserInputError
+from launcher.logs import setup_logging
+
+log = logging.getLogger(__name__)
+USAGE = "usage: python -m launcher.ray_job CONFIG [--section.field=value ...]"
+
+
+def storage_path(cfg: Config, run_dir: Path) -> str:
+    """Ray's storage_path: its run folder (storage_path/name) goes inside our run directory by default."""
+    return cfg.ray.storage_path or str(run_dir / "ray")
+
+
+def check_output_dir(cfg: Config) -> None:
+    # The job's working directory is Ray's temporary copy of the submitted folder: a relative run
+    # directory would vanish with it, and other nodes could not see it.
+    if not Path(cfg.output_dir).is_absolute():
+        raise UserInputError(f"config field output_dir: {cfg.output_dir!r} is relative, so the run would land in "
+                             "Ray's temporary copy of the working dir; give an absolute path on storage every node "
+                             "sees, e.g. --output_dir=/shared/runs")
+
+
+def required_resources(cfg: Config) -> dict[str, float]:
+    ray_cfg = cfg.ray
+    needed = {"CPU": ray_cfg.num_workers * ray_cfg.cpus_per_worker}
+    if ray_cfg.use_gpu:
+        needed["GPU"] = ray_cfg.num_workers * ray_cfg.gpus_per_worker
+    return needed
+
+
+def check_cluster_fits(cfg: Config, available: dict[str, float]) -> None:
+    """Ray would wait forever for workers it cannot place: refuse with the numbers instead."""
+    for resource, amount in required_resources(cfg).items():
+        have = available.get(resource, 0.0)
+        if amount > have:
+            per_worker = cfg.ray.gpus_per_worker if resource == "GPU" else cfg.ray.cpus_per_worker
+            raise UserInputError(
+                f"config field ray.num_workers: {cfg.ray.num_workers} workers x {per_worker:g} {resource} need "
+                f"{amount:g} {resource}, the Ray cluster has {have:g}; lower ray.num_workers "
+                f"(or ray.{'gpus' if resource == 'GPU' else 'cpus'}_per_worker) or add nodes")
+
+
+def connect(cfg: Config) -> None:
+    """Join the cluster or fail with one line; never wait without a limit."""
+    import ray
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "auto"
+    host_port = address.split("://", 1)[-1]
+    if address != "auto" and ":" in host_port and not address.startswith("http"):
+        host, port = host_port.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=cfg.ray.connect_timeout_s).close()
+        except (OSError, ValueError) as exc:
+            raise UserInputError(f"no Ray cluster at {address} ({exc}); start one (ray start --head) or set "
+                                 "ray.address / RAY_ADDRESS to its GCS address host:6379") from None
+    # ray.init retries a silent or wrong address for minutes: give it a deadline of our own.
+    outcome: list[BaseException | None] = []
+
+    def join() -> None:
+        try:
+            ray.init(address=address, log_to_driver=True)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the main thread below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=join, name="ray-connect", daemon=True)
+    worker.start()
+    worker.join(cfg.ray.connect_timeout_s)
+    if not outcome:
+        raise RayConnectTimeout(f"no Ray cluster answered at {address!r} within ray.connect_timeout_s="
+                                f"{cfg.ray.connect_timeout_s:g}s; check the cluster (ray status) or set ray.address")
+    if outcome[0] is not None:
+        exc = outcome[0]
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"no Ray cluster reachable at {address!r} ({first}); submit with `ray job submit` "
+                             "to a running cluster or set ray.address") from None
+
+
+class RayConnectTimeout(UserInputError):
+    """Ray's connection thread is still retrying: the process must exit without waiting for it."""
+
+
+def build_trainer(resolved: ResolvedRun):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from bigmodel_dist.metrics import wandb_run_id
+    from bigmodel_dist.metrics_file import read_metrics
+    from launcher.ray_wandb import WandbOnController
+    from launcher.ray_worker import train_worker
+
+    cfg, run_dir = resolved.config, resolved.run_dir
+    resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})}
+    callbacks = []
+    if cfg.logging.wandb_mode != "disabled":
+        callbacks.append(WandbOnController(run_dir, cfg.logging, to_dict(cfg), wandb_run_id(run_dir),
+                                           read_metrics(run_dir / "metrics.jsonl").last_step()))
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_path(cfg, run_dir),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep or cfg.checkpoint.keep_last),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def run(config_path: str, overrides: list[str]) -> int:
+    from launcher.cli import prepare_for
+
+    cfg = load_config(config_path, overrides)
+    check_output_dir(cfg)
+    resolved = resolve_run(cfg, cfg.ray.num_workers, has_cuda=cfg.ray.use_gpu)
+    _log_working_dir()
+    connect(cfg)
+    import ray
+
+    check_cluster_fits(cfg, ray.cluster_resources())
+    prepare_for(resolved)  # once, here: a progress bar in the job log and input errors before any worker
+    resolved.run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Ray Train: %d workers (%s), max_failures=%d, run dir %s", cfg.ray.num_workers,
+             "GPU" if cfg.ray.use_gpu else "CPU", cfg.ray.max_failures, resolved.run_dir)
+    result = build_trainer(resolved).fit()
+    if result.error is not None:  # fit() raises in current Ray; older versions return the error
+        raise result.error
+    log.info("done: checkpoints in %s, metrics in %s", resolved.run_dir / "checkpoints",
+             resolved.run_dir / "metrics.jsonl")
+    return 0
+
+
+def _log_working_dir() -> None:
+    """What `ray job submit --working-dir` sent (the job runs in Ray's copy of it)."""
+    total, count = 0, 0
+    for root, _dirs, files in os.walk("."):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+                count += 1
+            except OSError:
+                pass
+    log.info("working dir %s: %d files, %.2f MiB", os.getcwd(), count, total / 2**20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print(USAGE, file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging()
+    try:
+        return run(argv[0], argv[1:])
+    except UserInputError as exc:
+        print(f"bigmodel: error: {exc}", file=sys.stderr)
+        if isinstance(exc, RayConnectTimeout):
+            sys.stderr.flush()
+            os._exit(EXIT_USAGE)  # Ray's half-open connection would hold interpreter shutdown
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""`bigmodel launch ray`: check, then `ray job submit --working-dir DIR -- python -m launcher.ray_job ...`.
+
+Everything that can be checked before Ray sees the job is checked here, each with a one-line error:
+the config, the cluster's dashboard answering, the working dir staying under Ray's upload limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import os
+import shlex
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from bigmodel_dist.config import load_config
+from bigmodel_dist.config.validate import resolve_run
+from bigmodel_dist.errors import UserInputError
+from launcher.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+RAY_UPLOAD_LIMIT = 100 * 2**20  # Ray refuses larger working dirs (HTTP 413)
+IGNORE_FILES = (".rayignore", ".gitignore")  # Ray honours both, in gitignore syntax
+
+
+def ignore_patterns(working_dir: Path) -> list[str]:
+    patterns = []
+    for name in IGNORE_FILES:
+        path = working_dir / name
+        if path.is_file():
+            patterns += [line.strip() for line in path.read_text().splitlines()
+                         if line.strip() and not line.startswith(("#", "!"))]
+    return patterns
+
+
+def _ignored(relative: str, is_dir: bool, patterns: list[str]) -> bool:
+    name = relative.rsplit("/", 1)[-1]
+    for pattern in patterns:
+        if pattern.endswith("/"):
+            if not is_dir:
+                continue
+            pattern = pattern[:-1]
+        anchored = pattern.startswith("/")
+        pattern = pattern.lstrip("/")
+        if fnmatch.fnmatch(relative, pattern) or (not anchored and "/" not in pattern and fnmatch.fnmatch(name, pattern)):
+            return True
+    return False
+
+
+def upload_size(working_dir: Path) -> tuple[int, list[tuple[int, str]]]:
+    """Bytes Ray would upload (its ignore files applied, approximately) and the largest files."""
+    patterns = ignore_patterns(working_dir)
+    total, files = 0, []
+    for root, dirs, names in os.walk(working_dir):
+        base = Path(root).relative_to(working_dir).as_posix()
+        prefix = "" if base == "." else base + "/"
+        dirs[:] = [d for d in dirs if not _ignored(prefix + d, True, patterns)]
+        for name in names:
+            if _ignored(prefix + name, False, patterns):
+                continue
+            try:
+                size = os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+            total += size
+            files.append((size, prefix + name))
+    return total, sorted(files, reverse=True)[:3]
+
+
+def check_upload_size(working_dir: Path) -> int:
+    total, largest = upload_size(working_dir)
+    if total > RAY_UPLOAD_LIMIT:
+        biggest = ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for size, name in largest)
+        raise UserInputError(f"working dir {working_dir}: {total / 2**20:.0f} MiB to upload, over Ray's 100 MiB limit "
+                             f"(largest: {biggest}); add data and checkpoints to {working_dir / '.rayignore'}")
+    return total
+
+
+def check_dashboard(address: str, timeout_s: float = 10.0) -> None:
+    url = address.rstrip("/") + "/api/version"
+    try:
+        urllib.request.urlopen(url, timeout=timeout_s).read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserInputError(f"no Ray cluster answers at {address} ({reason}); start one (ray start --head) or pass "
+                             "--address / set RAY_ADDRESS to its dashboard, e.g. http://HEAD:8265") from None
+
+
+def submit_command(args: argparse.Namespace, config: str, overrides: list[str]) -> list[str]:
+    command = ["ray", "job", "submit", "--address", args.address, "--working-dir", str(args.working_dir)]
+    if args.no_wait:
+        command.append("--no-wait")
+    if args.submission_id:
+        command += ["--submission-id", args.submission_id]
+    return [*command, "--", "python", "-m", "launcher.ray_job", config, *overrides]
+
+
+def launch_ray(args: argparse.Namespace, overrides: list[str]) -> int:
+    setup_logging()
+    args.address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    working_dir = Path(args.working_dir).resolve()
+    config = Path(args.config).resolve()
+    if not config.is_relative_to(working_dir):
+        raise UserInputError(f"config {args.config} is outside the working dir {working_dir}; the job reads it from "
+                             "there, so move it in or pass --working-dir")
+    cfg = load_config(config, overrides)
+    if not Path(cfg.output_dir).is_absolute():  # the job runs in Ray's copy of the working dir
+        overrides = [*overrides, f"--output_dir={Path(cfg.output_dir).resolve()}"]
+        log.info("output_dir %s -> %s (absolute, as the job needs)", cfg.output_dir, Path(cfg.output_dir).resolve())
+        cfg = load_config(config, overrides)
+    resolve_run(cfg, cfg.ray.num_workers, has_cuda=cfg.ray.use_gpu)
+    size = check_upload_size(working_dir)
+    check_dashboard(args.address)
+    args.working_dir = working_dir
+    command = submit_command(args, str(config.relative_to(working_dir)), overrides)
+    log.info("uploading %.1f MiB; %s", size / 2**20, shlex.join(command))
+    return subprocess.run(command).returncode
+
+
+def add_parser(backends) -> None:
+    ray = backends.add_parser("ray", help="ray job submit to a Ray cluster (Ray Train workers)",
+                              epilog="dotted overrides after the config, e.g. --ray.num_workers=8 --ray.use_gpu=true")
+    ray.add_argument("config")
+    ray.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    ray.add_argument("--working-dir", default=".", help="folder sent with the job (default: here)")
+    ray.add_argument("--no-wait", action="store_true", help="return after submitting")
+    ray.add_argument("--submission-id", help="job id for `ray job status/stop/logs` (must be new)")
+    ray.set_defaults(handler=lambda args, overrides: launch_ray(args, overrides))

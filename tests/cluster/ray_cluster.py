@@ -1,0 +1,170 @@
+"""A real local Ray cluster for tests, confined to loopback.
+
+The head runs in a network namespace that holds only `lo`, so every Ray socket is on 127.0.0.1 (checked
+with `ss` after start-up). It is `ray start --head --block` as our child: stopping it terminates that
+child and then, by PID, whatever it had started that is still alive. Never `ray stop` or pkill: those
+end every Ray process on the machine.
+
+    python -m tests.cluster.ray_cluster start|stop   (by hand; the pytest fixture does the same)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+NAMESPACE = "bigmodel-ray"
+TEMP_DIR = Path("/tmp/bmray")  # short: Ray's unix socket paths must stay under 108 bytes
+STATE_FILE = TEMP_DIR / "cluster.json"
+DASHBOARD_PORT = 8265
+GCS_PORT = 6380
+NUM_CPUS = 4  # logical: 2 one-CPU workers + the job driver and Train controller fit with room
+ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
+
+
+def netns_prefix() -> list[str]:
+    return ["ip", "netns", "exec", NAMESPACE]
+
+
+@dataclass
+class RayCluster:
+    head_pid: int
+    address: str = ADDRESS
+
+    def run(self, command: list[str], env: dict[str, str] | None = None, timeout: float = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+        """Run a command inside the cluster's network namespace (where 127.0.0.1 is the head)."""
+        return subprocess.run([*netns_prefix(), *command], env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+
+
+def _ray_binary() -> str:
+    return str(Path(sys.executable).parent / "ray")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _dashboard_up() -> bool:
+    probe = ("import urllib.request,sys; urllib.request.urlopen('%s/api/version', timeout=2); sys.exit(0)" % ADDRESS)
+    result = subprocess.run([*netns_prefix(), sys.executable, "-c", probe], capture_output=True)
+    return result.returncode == 0
+
+
+def listening_sockets() -> list[str]:
+    """Local addresses of every listening TCP socket in the namespace (`ss -ltnH`)."""
+    out = subprocess.run([*netns_prefix(), "ss", "-ltnH"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3] for line in out.splitlines() if line.strip()]
+
+
+def start(timeout_s: float = 120.0) -> RayCluster:
+    if os.geteuid() != 0:
+        raise RuntimeError("the local Ray cluster needs root (it creates a network namespace)")
+    stop()  # a cluster left by a killed session
+    subprocess.run(["ip", "netns", "add", NAMESPACE], check=True)
+    subprocess.run([*netns_prefix(), "ip", "link", "set", "lo", "up"], check=True)
+    TEMP_DIR.mkdir(parents=True, exist_ok=True)
+    log = open(TEMP_DIR / "head.log", "w")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    head = subprocess.Popen(
+        [*netns_prefix(), _ray_binary(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={GCS_PORT}", "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
+         f"--num-cpus={NUM_CPUS}", "--num-gpus=0", "--object-store-memory=200000000",
+         f"--temp-dir={TEMP_DIR}", "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    STATE_FILE.write_text(json.dumps({"head_pid": head.pid}))
+    deadline = time.monotonic() + timeout_s
+    while not _dashboard_up():
+        if head.poll() is not None or time.monotonic() > deadline:
+            tail = (TEMP_DIR / "head.log").read_text()[-2000:]
+            stop()
+            raise RuntimeError(f"Ray head did not come up (exit {head.poll()}):\n{tail}")
+        time.sleep(1)
+    return RayCluster(head.pid)
+
+
+def stop() -> None:
+    """Terminate the head we started and every process it left, by PID; remove the namespace."""
+    if STATE_FILE.is_file():
+        head_pid = json.loads(STATE_FILE.read_text())["head_pid"]
+        tree = [head_pid, *_descendants(head_pid)]
+        _signal_all(tree, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+            _reap(head_pid)
+            time.sleep(0.5)
+        _signal_all([*tree, *_descendants(head_pid)], signal.SIGKILL)
+        _reap(head_pid)
+        STATE_FILE.unlink()
+    if NAMESPACE in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout:
+        subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
+    shutil.rmtree(TEMP_DIR / "session_latest", ignore_errors=True)
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def worker_pids(head_pid: int) -> list[int]:
+    """PIDs of the Ray Train worker actors under our head (their title is ray::RayTrainWorker...)."""
+    found = []
+    for pid in _descendants(head_pid):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::RayTrainWorker"):
+            found.append(pid)
+    return found
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["start"]:
+        cluster = start()
+        print(f"Ray head pid {cluster.head_pid}; submit with: ip netns exec {NAMESPACE} ray job submit "
+              f"--address {ADDRESS} ...; listening: {listening_sockets()}")
+    elif sys.argv[1:] == ["stop"]:
+        stop()
+    else:
+        sys.exit("usage: python -m tests.cluster.ray_cluster start|stop")
