@@ -65,11 +65,11 @@ class RayReporter:
     (flushed per line, so complete); the controller logs those it has not seen.
     """
 
-    def __init__(self, run_dir: Path, is_main: bool):
+    def __init__(self, run_dir: Path, is_main: bool, known_step: int = -1):
         self.checkpoints = run_dir / "checkpoints"
         self.metrics_file = run_dir / "metrics.jsonl"
         self.is_main = is_main
-        self._last_reported_step = -1
+        self._last_reported_step = known_step  # Ray's newest record: not reported again
         self._backfill_sent = False
 
     def report(self, step: int, metrics: dict[str, Any], checkpoint: Path | None) -> None:
@@ -120,7 +120,7 @@ def train_worker(job: dict[str, Any]) -> None:
     facts = facts_from_env(env)
     setup_logging(facts.rank, facts.world_size)
     for name in list(logging.root.manager.loggerDict):  # Ray Train logs every report at INFO
-        if "ray" in name:
+        if name.startswith("ray") or "/ray/" in name:
             logging.getLogger(name).setLevel(logging.WARNING)
     cfg = from_dict(job["config"])  # checked on the driver; workers need not see the YAML file
     # W&B runs on Ray's controller (launcher/ray_wandb.py), which outlives killed workers; the workers
@@ -138,6 +138,7 @@ def train_worker(job: dict[str, Any]) -> None:
                  f"step {manifest['step']}" if manifest else "none", resume)
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=resume))
     resolved = dataclasses.replace(resolved, config=cfg)
-    trainer = Trainer(resolved, facts, reporter=RayReporter(resolved.run_dir, facts.is_main))
+    trainer = Trainer(resolved, facts, reporter=RayReporter(resolved.run_dir, facts.is_main,
+                                                               manifest["step"] if manifest else -1))
     trainer.train()
     trainer.close()

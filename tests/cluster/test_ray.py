@@ -166,7 +166,8 @@ def test_ray_job_stop_then_resubmit_resumes(reference_runs, ray_cluster, workdir
     out = reference_runs["out"]
     overrides = _overrides(out, data_cache, "stopped", "--deepspeed.config=zero3")
     job = _submit_in_background(ray_cluster, workdir, overrides, "--submission-id", "bigmodel-stop-1")
-    _wait_for(out / "stopped" / "checkpoints" / f"step_{EVERY:08d}", job)
+    # stop once Ray has registered a checkpoint (its snapshot file), so the resubmission gets it back
+    _wait_for(out / "stopped" / "ray" / "stopped" / "checkpoint_manager_snapshot.json", job)
     stop = ray_cluster.run(["ray", "job", "stop", "--address", ray_cluster.address, "bigmodel-stop-1"], env=_env(),
                            timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
@@ -179,7 +180,7 @@ def test_ray_job_stop_then_resubmit_resumes(reference_runs, ray_cluster, workdir
     again = _submit(ray_cluster, workdir, overrides)  # same run name, new submission
     assert again.returncode == 0, again.stdout[-6000:]
     logs = again.stdout + again.stderr
-    assert "Ray checkpoint step" in logs  # Ray restored its record of the run from the run directory
+    assert "Ray checkpoint step" in logs  # Ray restored its record of the run from its snapshot
     history = read_metrics(out / "stopped" / "metrics.jsonl")
     assert len(history.restarts) == 1 and history.restarts[0]["step"] in (EVERY, 2 * EVERY)
     reference = _losses(out / "zero3")
@@ -190,7 +191,7 @@ def test_bad_ray_inputs_fail_fast_with_one_line(ray_cluster, workdir, tmp_path, 
     overrides = _overrides(tmp_path, data_cache, "bad")
     # more workers than the cluster's 4 CPUs: refused by the job's driver before any worker starts
     started = time.monotonic()
-    job = _submit(ray_cluster, workdir, [*overrides, "--ray.num_workers=8"])
+    job = _submit(ray_cluster, workdir, [*overrides, "--ray.num_workers=8", "--train.global_batch_size=16"])
     assert job.returncode != 0
     assert "ray.num_workers: 8 workers x 1 CPU need 8 CPU, the Ray cluster has 4" in job.stdout + job.stderr
     assert time.monotonic() - started < 120
