@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _dashboard_up() -> bool:
-    probe = ("import urllib.request,sys; urllib.request.urlopen('%s/api/version', timeout=2); sys.exit(0)" % ADDRESS)
+    probe = f"import urllib.request; urllib.request.urlopen('{ADDRESS}/api/version', timeout=2)"
     result = subprocess.run([*netns_prefix(), sys.executable, "-c", probe], capture_output=True)
     return result.returncode == 0
 
