@@ -54,6 +54,7 @@ def _llama(vocab: int, layers: int, heads: int, hidden: int, intermediate: int, 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-tiny": _gpt2(vocab=512, layers=2, heads=4, hidden=128, positions=1024),
     "gpt2-mini": _gpt2(vocab=8192, layers=4, heads=4, hidden=256, positions=1024),
+    "gpt2-24m": _gpt2(vocab=8192, layers=6, heads=8, hidden=512, positions=1024),
     "gpt2-124m": _gpt2(vocab=50304, layers=12, heads=12, hidden=768, positions=1024),
     "gpt2-350m": _gpt2(vocab=50304, layers=24, heads=16, hidden=1024, positions=1024),
     "gpt2-1.3b": _gpt2(vocab=50304, layers=24, heads=16, hidden=2048, positions=2048),

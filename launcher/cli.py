@@ -39,7 +39,20 @@ def _build_parser() -> argparse.ArgumentParser:
                                    epilog=OVERRIDES_HELP)
     validate.add_argument("config")
     validate.add_argument("--world-size", type=int, default=1, help="data-parallel ranks to plan for")
+    validate.add_argument("--gpu-memory", default="80GiB", help="memory per GPU for the fit check (default 80GiB)")
     validate.set_defaults(handler=_cmd_validate)
+
+    plan = commands.add_parser("plan", help="per-GPU memory, best ZeRO stage and step time for N GPUs",
+                               epilog=OVERRIDES_HELP)
+    plan.add_argument("config")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs in total (= data-parallel ranks)")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpu-memory", default="80GiB", help="memory per GPU, e.g. 80GiB, 141GB (default 80GiB)")
+    plan.add_argument("--cpu-memory", default="1TiB", help="host memory per node (default 1TiB)")
+    plan.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (default H100: 989)")
+    plan.add_argument("--activation-checkpointing", choices=["on", "off"], help="default: the config's setting")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(handler=_cmd_plan)
 
     prepare = commands.add_parser("prepare", help="tokenise and pack the config's corpus into token shards",
                                   epilog=OVERRIDES_HELP)
@@ -80,6 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--account")
     slurm.add_argument("--sbatch-arg", action="append", default=[], help="passed to sbatch as is (repeatable)")
     slurm.add_argument("--dry-run", action="store_true", help="print the sbatch command, submit nothing")
+    slurm.add_argument("--gpu-memory", default="80GiB", help="memory per GPU, for the fit warning (default 80GiB)")
     slurm.set_defaults(handler=_cmd_launch_slurm)
 
     from launcher.ray_submit import add_parser as add_ray_parser
@@ -137,8 +151,51 @@ def _cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.config import load_config
     from bigmodel_dist.config.validate import resolve_run
 
+    from bigmodel_dist.planner import Hardware, fit_warning, parse_bytes
+
     resolved = resolve_run(load_config(args.config, overrides), args.world_size)
     print(format_summary(resolved))
+    warning = fit_warning(resolved, Hardware(gpus=args.world_size, gpu_memory=parse_bytes(args.gpu_memory, "--gpu-memory")))
+    print(f"warning: {warning}" if warning else f"plan: fits GPUs of {args.gpu_memory} (bigmodel plan for details)")
+    return 0
+
+
+def hardware_from_args(args: argparse.Namespace):
+    from bigmodel_dist.planner import Hardware, parse_bytes
+
+    if args.gpus < 1:
+        raise UserInputError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.nodes < 1 or args.gpus % args.nodes:
+        raise UserInputError(f"--nodes {args.nodes} must be >= 1 and divide --gpus {args.gpus}")
+    if args.peak_tflops <= 0:
+        raise UserInputError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    return Hardware(gpus=args.gpus, nodes=args.nodes, gpu_memory=parse_bytes(args.gpu_memory, "--gpu-memory"),
+                    cpu_memory=parse_bytes(args.cpu_memory, "--cpu-memory"), peak_tflops=args.peak_tflops)
+
+
+def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    import json
+
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.config.validate import resolve_run
+    from bigmodel_dist.planner import GIB, format_table, plan_run, recommend, variant_of
+
+    hw = hardware_from_args(args)
+    resolved = resolve_run(load_config(args.config, overrides), hw.gpus, has_cuda=True)
+    checkpointing = None if args.activation_checkpointing is None else args.activation_checkpointing == "on"
+    plans = plan_run(resolved, hw, checkpointing)
+    best = recommend(plans)
+    if args.json:
+        print(json.dumps({"model": resolved.config.model.preset, "parameters": resolved.num_parameters,
+                          "gpus": hw.gpus, "nodes": hw.nodes, "gpu_memory_gib": hw.gpu_memory / GIB,
+                          "configured": variant_of(resolved.deepspeed_config).name,
+                          "recommended": best.variant if best else None,
+                          "plans": [p.as_dict() for p in plans]}, indent=2))
+    else:
+        print(f"{resolved.config.model.preset}: {resolved.num_parameters / 1e6:,.1f}M parameters, "
+              f"{resolved.config.train.precision}, seq {resolved.config.data.seq_len}, micro-batch "
+              f"{resolved.layout.micro_batch_size}; configured: {variant_of(resolved.deepspeed_config).name}")
+        print(format_table(plans, hw, best))
     return 0
 
 

@@ -55,6 +55,13 @@ def launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
 
     overrides = [*overrides, *resume_override(args)]
     resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, has_cuda=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        from bigmodel_dist.planner import Hardware, fit_warning
+
+        memory = torch.cuda.get_device_properties(0).total_memory
+        warning = fit_warning(resolved, Hardware(gpus=nproc * args.nnodes, nodes=args.nnodes, gpu_memory=memory))
+        if warning:
+            log.warning(warning)
     prepare_for(resolved)  # here, not in the workers: a progress bar, and input errors before torchrun
     command = torchrun_command(args, nproc, overrides)
     log.info("launching %d process(es) on this node: %s", nproc, " ".join(command))

@@ -42,6 +42,13 @@ def launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
     setup_logging()
     per_node = args.nproc_per_node or args.gpus_per_node or 1
     resolved = resolve_run(load_config(args.config, overrides), args.nodes * per_node)
+    if args.gpus_per_node:
+        from bigmodel_dist.planner import Hardware, fit_warning, parse_bytes
+
+        hw = Hardware(gpus=args.nodes * per_node, nodes=args.nodes, gpu_memory=parse_bytes(args.gpu_memory, "--gpu-memory"))
+        warning = fit_warning(resolved, hw)
+        if warning:
+            log.warning(warning)
     command = sbatch_command(args, overrides, resolved.run_dir)
     if args.dry_run:
         print(shlex.join(command))

@@ -69,19 +69,11 @@ def resolve_run(cfg: Config, world_size: int, has_cuda: bool = False) -> Resolve
 
 
 def model_state_bytes_per_rank(num_params: int, zero_stage: int, precision: str, dp: int) -> dict[str, float]:
-    """ZeRO paper's model-state memory (params, grads, Adam states) per rank, by precision.
+    """Params, grads and optimizer bytes per rank without offload (see `bigmodel_dist.planner`)."""
+    from bigmodel_dist.planner import Variant, model_states
 
-    Mixed precision keeps 2-byte params and grads and 12 bytes of fp32 master + Adam moments (16 bytes per
-    parameter at stage 0). fp32 keeps 4 + 4 + 8 bytes, and DeepSpeed's ZeRO 1-3 hold one more fp32
-    master copy of the rank's partition (measured: +4 bytes per parameter / dp).
-    """
-    mixed = precision in ("bf16", "fp16")
-    param_b, grad_b, optim_b = (2, 2, 12) if mixed else (4, 4, 8 + (4 if zero_stage >= 1 else 0))
-    n = float(num_params)
-    params = n * param_b / (dp if zero_stage >= 3 else 1)
-    grads = n * grad_b / (dp if zero_stage >= 2 else 1)
-    optim = n * optim_b / (dp if zero_stage >= 1 else 1)
-    return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim}
+    states, _ = model_states(num_params, Variant(zero_stage), precision, dp)
+    return {**states, "total": sum(states.values())}
 
 
 def _check_data_paths(cfg: Config) -> None:

@@ -81,6 +81,11 @@ def start(timeout_s: float = 120.0) -> RayCluster:
     if os.geteuid() != 0:
         raise RuntimeError("the local Ray cluster needs root (it creates a network namespace)")
     stop()  # a cluster left by a killed session
+    if not (shutil.which("ip") and shutil.which("ss")):  # a bare machine: iproute2 has both
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "-q", "update"], check=True, env=env, capture_output=True)
+        subprocess.run(["apt-get", "-q", "-y", "install", "--no-install-recommends", "iproute2"], check=True, env=env,
+                       capture_output=True)
     subprocess.run(["ip", "netns", "add", NAMESPACE], check=True)
     subprocess.run([*netns_prefix(), "ip", "link", "set", "lo", "up"], check=True)
     TEMP_DIR.mkdir(parents=True, exist_ok=True)

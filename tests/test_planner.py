@@ -1,0 +1,110 @@
+"""`bigmodel plan`: the memory model on hand-computed cases, DeepSpeed's estimators, the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.model_presets import count_parameters, model_shape
+from bigmodel_dist.planner import GIB, Variant, model_states, parse_bytes
+
+from .conftest import REPO
+
+PSI = 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("stage", "precision", "dp", "expected"),
+    [  # bytes per parameter (params, grads, optimizer), the ZeRO paper's table with DeepSpeed's real choices
+        (0, "bf16", 8, (2, 2, 12)),  # 16 Psi
+        (1, "bf16", 8, (2, 2, 12 / 8)),  # 4 Psi + 12 Psi / N
+        (2, "bf16", 8, (2, 2 / 8, 12 / 8)),  # 2 Psi + 14 Psi / N
+        (3, "bf16", 8, (2 / 8, 2 / 8, 12 / 8)),  # 16 Psi / N
+        (0, "fp32", 2, (4, 4, 8)),  # fp32 Adam, no master copy at stage 0
+        (2, "fp32", 2, (4, 4 / 2, 12 / 2)),  # + the fp32 master copy DeepSpeed keeps at ZeRO >= 1
+        (3, "fp32", 4, (4 / 4, 4 / 4, 12 / 4)),
+    ],
+)
+def test_model_states_follow_the_zero_formulas(stage, precision, dp, expected):
+    gpu, cpu = model_states(PSI, Variant(stage), precision, dp)
+    assert [gpu["params"], gpu["grads"], gpu["optimizer"]] == pytest.approx([PSI * b for b in expected])
+    assert cpu == 0
+
+
+def test_offload_moves_optimizer_and_params_to_the_host():
+    gpu, cpu = model_states(PSI, Variant(2, "cpu"), "bf16", 4)
+    assert gpu == {"params": 2 * PSI, "grads": 0.0, "optimizer": 0.0} and cpu == pytest.approx(12 * PSI / 4)
+    gpu, cpu = model_states(PSI, Variant(3, "cpu", "cpu"), "bf16", 4)
+    assert sum(gpu.values()) == 0 and cpu == pytest.approx((12 + 2) * PSI / 4)
+    gpu, cpu = model_states(PSI, Variant(3, "nvme", "nvme"), "bf16", 4)
+    assert sum(gpu.values()) == 0 and cpu == 0
+
+
+@pytest.mark.parametrize("gpus", [2, 8, 64])
+def test_agrees_with_deepspeeds_estimators(gpus):
+    """DeepSpeed's estimators count 4 more bytes per parameter and rank at ZeRO-2 (an fp32 gradient
+    partition that, measured, is not kept) and 2 more plus 4 x the largest layer at ZeRO-3."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from bigmodel_dist.planner import largest_layer_params
+
+    shape = model_shape("gpt2-1.3b")
+    n = count_parameters(shape)
+    ours2 = sum(model_states(n, Variant(2), "bf16", gpus)[0].values())
+    _, theirs2 = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=gpus, cpu_offload=False)
+    assert theirs2 - ours2 == pytest.approx(4 * n / gpus, rel=1e-6)
+    assert 0.75 <= ours2 / theirs2 <= 1.0
+    ours3 = sum(model_states(n, Variant(3), "bf16", gpus)[0].values())
+    _, theirs3, largest = estimate_zero3_model_states_mem_needs(n, largest_layer_params(shape), num_gpus_per_node=gpus,
+                                                                cpu_offload=False)
+    assert theirs3 - ours3 == pytest.approx(2 * n / gpus + largest, rel=1e-6)
+    _, theirs_offload = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=gpus, cpu_offload=True)
+    assert sum(model_states(n, Variant(2, "cpu"), "bf16", gpus)[0].values()) == theirs_offload  # 2 Psi on the GPU
+
+
+def test_memory_strings():
+    assert parse_bytes("80GiB", "x") == 80 * GIB
+    assert parse_bytes("141GB", "x") == 141e9
+    assert parse_bytes("512G", "x") == 512 * GIB
+    assert parse_bytes("1.5 TiB", "x") == 1.5 * 1024 * GIB
+    for bad in ("80XB", "", "-1GiB", "0GiB", "lots"):
+        with pytest.raises(UserInputError, match="--gpu-memory: cannot read"):
+            parse_bytes(bad, "--gpu-memory")
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.cli", "plan", "configs/gpt2-tiny.yaml", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_plan_cli_recommends_and_prints_json():
+    seven_b = ["--model.preset=gpt2-7b", "--data.seq_len=2048", "--train.global_batch_size=64",
+               "--train.micro_batch_size=1"]
+    table = _plan("--gpus", "8", *seven_b)
+    assert table.returncode == 0, table.stderr
+    assert "recommended: ZeRO-" in table.stdout and "ZeRO-0" in table.stdout
+    result = json.loads(_plan("--gpus", "8", "--json", *seven_b).stdout)
+    by_name = {p["variant"]: p for p in result["plans"]}
+    assert not by_name["ZeRO-0"]["fits"]  # 16 x 6.7B bytes is far over 80 GiB
+    assert by_name["ZeRO-3"]["fits"] and by_name["ZeRO-3"]["max_micro_batch"] >= 1
+    assert result["recommended"] in by_name and by_name[result["recommended"]]["fits"]
+    # fits nowhere: a 7B model on one 8 GiB GPU at micro-batch 8, whatever is offloaded
+    nowhere = _plan("--gpus", "1", "--gpu-memory", "8GiB", *seven_b[:1], "--data.seq_len=2048",
+                    "--train.global_batch_size=8", "--train.micro_batch_size=8")
+    assert nowhere.returncode == 0 and "recommended: none fits" in nowhere.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "0"], "--gpus must be >= 1, got 0"),
+    (["--gpus", "4", "--nodes", "3"], "--nodes 3 must be >= 1 and divide --gpus 4"),
+    (["--gpus", "2", "--gpu-memory", "eighty"], "--gpu-memory: cannot read 'eighty'"),
+    (["--gpus", "3"], "config field train.global_batch_size"),
+])
+def test_plan_cli_errors_are_one_line(args, message):
+    result = _plan(*args)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
