@@ -25,7 +25,8 @@ from pathlib import Path
 from benchmarks.report import report
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = ["--model.preset=gpt2-124m", "--model.vocab_size=8192", "--data.max_bytes=4000000", "--data.seq_len=256",
+DEFAULT_PRESET = "gpt2-124m"
+MODEL = ["--model.vocab_size=8192", "--data.max_bytes=4000000", "--data.seq_len=256",
          "--train.global_batch_size=4", "--train.micro_batch_size=1", "--train.precision=fp32",
          "--deepspeed.config=zero2", "--train.eval_every=0", "--logging.wandb_mode=disabled", "--train.log_every=1"]
 
@@ -40,7 +41,7 @@ def _worker(args: argparse.Namespace) -> None:
     from bigmodel_dist.trainer import Trainer
 
     facts = facts_from_env()
-    cfg = load_config(None, [*MODEL, f"--output_dir={args.workdir}", f"--data.cache_dir={args.cache}", "--name=save",
+    cfg = load_config(None, [*MODEL, f"--model.preset={args.preset}", f"--output_dir={args.workdir}", f"--data.cache_dir={args.cache}", "--name=save",
                              "--train.max_steps=1", "--checkpoint.every=0", "--checkpoint.keep_last=100"])
     trainer = Trainer(resolve_run(cfg, facts.world_size), facts)
     trainer.train()  # one step: optimizer states exist; saves step 1
@@ -91,39 +92,41 @@ def _disk_bandwidth(folder: Path) -> float:
     return float(match.group(1)) / (1000 if "MB/s" in match.group(0) else 1)
 
 
-def _first_step_seconds(workdir: Path, cache: str, steps: int) -> float:
+def _first_step_seconds(workdir: Path, cache: str, steps: int, preset: str) -> float:
     """Launch to the first logged training step of this launch (cold start, or resume when a checkpoint exists)."""
     started = time.time()
     subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "local", str(REPO / "configs" / "gpt2-tiny.yaml"),
-                    "--nproc-per-node=2", *MODEL, f"--output_dir={workdir}", f"--data.cache_dir={cache}",
+                    "--nproc-per-node=2", *MODEL, f"--model.preset={preset}", f"--output_dir={workdir}", f"--data.cache_dir={cache}",
                     "--name=restart", f"--train.max_steps={steps}", "--checkpoint.every=1"],
                    check=True, cwd=REPO, capture_output=True)
     records = [json.loads(line) for line in (workdir / "restart" / "metrics.jsonl").read_text().splitlines()]
     return min(r["time"] for r in records if "loss" in r and r["time"] >= started) - started
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="")
     parser.add_argument("--workdir", default="")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help="model (default gpt2-124m: 92M with vocab 8192)")
     parser.add_argument("--cache", default=str(REPO / "runs" / ".cache"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
         return 0
+    (REPO / "runs").mkdir(exist_ok=True)  # same disk as real runs
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=REPO / "runs") as tmp:
         work = Path(tmp)
         out = work / "save.json"
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                         "-m", "benchmarks.checkpoint", "--worker", f"--out={out}", f"--workdir={work}",
-                        f"--repeats={args.repeats}", f"--cache={args.cache}"],
+                        f"--repeats={args.repeats}", f"--cache={args.cache}", f"--preset={args.preset}"],
                        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         save = json.loads(out.read_text())
         disk = _disk_bandwidth(work)
-        cold = _first_step_seconds(work, args.cache, steps=2)
-        restart = _first_step_seconds(work, args.cache, steps=3)
+        cold = _first_step_seconds(work, args.cache, steps=2, preset=args.preset)
+        restart = _first_step_seconds(work, args.cache, steps=3, preset=args.preset)
     ours, raw = statistics.median(save["ours"]), statistics.median(save["raw"])
     stall = statistics.median(save["async_stall"])
     gb = save["bytes"] / 1e9
@@ -135,7 +138,7 @@ def main() -> int:
         {"figure": "restart ÷ cold start (to step)", "ratio": restart / cold, "goal": "<= 1.2",
          "detail": f"{restart:.1f}s vs {cold:.1f}s"},
     ]
-    report("checkpoint", "checkpoint (92M GPT-2 fp32, ZeRO-2, 2 ranks)", rows)
+    report("checkpoint", f"checkpoint ({args.preset} fp32, ZeRO-2, 2 ranks)", rows)
     return 0
 
 

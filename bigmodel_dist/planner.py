@@ -1,7 +1,8 @@
 """Per-GPU memory and step-time plan of a run, for every ZeRO stage and offload choice, before any GPU.
 
 Model states follow the ZeRO paper (16Psi at stage 0; partitions of optimizer, then gradients, then
-parameters over N ranks) adjusted to what DeepSpeed really allocates (measured, see NOTES):
+parameters over N ranks) adjusted to what DeepSpeed really allocates (measured by
+benchmarks/planner_accuracy.py): ZeRO-1 already keeps only the rank's gradient partition;
 - mixed precision (bf16/fp16): 2-byte params and grads, 12 bytes of fp32 master + Adam moments, and at
   ZeRO 1-2 a 4-byte fp32 gradient partition for the optimizer step;
 - fp32: 4-byte params and grads, 8 bytes of Adam moments, and at ZeRO 1-3 one more fp32 master copy of
@@ -108,7 +109,9 @@ def model_states(num_params: int, variant: Variant, precision: str, dp: int) -> 
     # partition at ZeRO 1-2; measured, it does not stay allocated.
     optim_b = 8 + (4 if mixed or s >= 1 else 0)
     params = n * param_b / (dp if s >= 3 else 1)
-    grads = n * grad_b / (dp if s >= 2 else 1)
+    # DeepSpeed's ZeRO-1 reduces gradients bucket by bucket into the rank's partition, like ZeRO-2
+    # (measured: ZeRO-1 and ZeRO-2 hold the same bytes), not the paper's full copy per rank.
+    grads = n * grad_b / (dp if s >= 1 else 1)
     optim = n * optim_b / (dp if s >= 1 else 1)
     cpu = 0.0
     if variant.offload_optimizer != "none":  # master, moments and fp32 grads live on the host

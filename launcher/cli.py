@@ -150,7 +150,6 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 def _cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.config import load_config
     from bigmodel_dist.config.validate import resolve_run
-
     from bigmodel_dist.planner import Hardware, fit_warning, parse_bytes
 
     resolved = resolve_run(load_config(args.config, overrides), args.world_size)

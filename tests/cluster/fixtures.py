@@ -62,9 +62,10 @@ def _start(base: Path) -> str:
     return match[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """A real Ray head confined to loopback (its own network namespace), stopped by PID at the end."""
+    """A real Ray head confined to loopback (its own network namespace), stopped by PID after the module
+    that uses it: its idle daemons would otherwise take CPU from the rest of the suite."""
     from . import ray_cluster as local_ray
 
     if os.geteuid() != 0:
