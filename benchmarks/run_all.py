@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmark {name} failed with exit code {code}", file=sys.stderr)
             return code
         table += [{"benchmark": name, **row} for row in _rows(name, results)]
-    print(f"\n{'benchmark':<18}{'figure':<38}{'ratio':>9}  {'goal':<9}detail" + ("   (QUICK MODE)" if quick else ""))
+    print(f"\n{'benchmark':<18}{'figure':<38}{'ratio':>9}  {'goal':<11}detail" + ("   (QUICK MODE)" if quick else ""))
     for row in table:
-        print(f"{row['benchmark']:<18}{row['figure']:<38}{row['ratio']:>9.3f}  {row['goal']:<9}{row['detail']}")
+        print(f"{row['benchmark']:<18}{row['figure']:<38}{row['ratio']:>9.3f}  {row['goal']:<11}{row['detail']}")
     (results / "all.json").write_text(json.dumps(table, indent=2))
     return 0
 

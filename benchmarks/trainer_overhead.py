@@ -40,7 +40,7 @@ def _worker(args: argparse.Namespace) -> None:
         f"--model.preset={args.preset}", f"--deepspeed.zero_stage={args.zero}", f"--train.precision={args.precision}",
         "--train.global_batch_size=16", "--train.micro_batch_size=4", "--data.seq_len=256",
         "--data.max_bytes=4000000", f"--output_dir={args.workdir}", f"--data.cache_dir={args.cache}",
-        "--name=overhead", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=0",
+        f"--name=overhead-{args.precision}", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=0",
         "--logging.wandb_mode=disabled", "--model.dropout=0.0", "--optim.warmup_steps=2",
         f"--train.max_steps={args.blocks * args.block_steps}",
     ])
@@ -49,15 +49,17 @@ def _worker(args: argparse.Namespace) -> None:
 
     import deepspeed
 
-    model = build_model(cfg.model, cfg.seed, eos_token_id=trainer.data.tokenizer.eos_token_id)
+    model = build_model(cfg.model, cfg.seed, eos_token_id=trainer.tokenizer.eos_token_id)
     bare, *_ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, cfg.optim.weight_decay),
                                     config=resolved.deepspeed_config)
     layout = resolved.layout
 
-    def bare_step(step: int) -> float:
+    from bigmodel_dist.data.loader import BatchLoader
+
+    def bare_step(loader: BatchLoader, step: int) -> float:
         started = time.perf_counter()
         for micro_step in range(layout.grad_accum_steps):
-            batch = trainer._batch(step, micro_step)
+            batch = loader.next(step, micro_step)  # the same samples as the trainer's, same prefetching
             loss = bare(input_ids=batch, labels=batch).loss
             bare.backward(loss)
             bare.step()
@@ -69,8 +71,13 @@ def _worker(args: argparse.Namespace) -> None:
     for block in range(args.blocks):
         cfg.train.max_steps = (block + 1) * args.block_steps  # the trainer continues where it stopped
         trainer.train()
-        times = [json.loads(line)["step_time_s"] for line in metrics_file.read_text().splitlines()][-args.block_steps:]
-        bare_block = [bare_step(block * args.block_steps + i) for i in range(args.block_steps)]
+        records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+        times = [r["step_time_s"] for r in records if "step_time_s" in r][-args.block_steps:]
+        first = block * args.block_steps
+        loader = BatchLoader(trainer.dataset.train, layout, facts.rank, cfg.seed, start_step=first,
+                             prefetch=cfg.data.prefetch)
+        bare_block = [bare_step(loader, first + i) for i in range(args.block_steps)]
+        loader.close()
         if block > 0:  # block 0 is warm-up for both
             trainer_times += times
             bare_times += bare_block

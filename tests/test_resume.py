@@ -47,7 +47,8 @@ def _signal_when_step_logged(proc: subprocess.Popen, metrics: Path, step: int, s
     raise AssertionError(f"step {step} never logged; output:\n{proc.communicate()[0][-3000:]}")
 
 
-@pytest.mark.parametrize(("stage", "signum"), [(1, signal.SIGTERM), (2, signal.SIGUSR1), (3, signal.SIGTERM)])
+# SIGUSR1 through `launch local` is also what the Slurm preemption test sends (tests/test_slurm.py).
+@pytest.mark.parametrize(("stage", "signum"), [(1, signal.SIGUSR1), (3, signal.SIGTERM)])
 def test_stop_and_resume_equals_straight_run(tmp_path, data_cache, cli_env, stage, signum):
     straight = _launch(tmp_path, data_cache, cli_env, "straight", stage)
     out, _ = straight.communicate(timeout=300)

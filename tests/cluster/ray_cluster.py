@@ -25,7 +25,7 @@ TEMP_DIR = Path("/tmp/bmray")  # short: Ray's unix socket paths must stay under 
 STATE_FILE = TEMP_DIR / "cluster.json"
 DASHBOARD_PORT = 8265
 GCS_PORT = 6380
-NUM_CPUS = 4  # logical: 2 one-CPU workers + the job driver and Train controller fit with room
+NUM_CPUS = 6  # logical: two jobs of 2 one-CPU workers at once, with room for their controllers
 ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 
