@@ -130,3 +130,23 @@ def test_measured_model_states_match_the_plan_24m(precision):
     """The ~24M model (measured 1.000-1.005 at both precisions); slow: `pytest -m slow`."""
     ratios = _measured_over_planned("gpt2-24m", precision)
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), ratios
+
+
+def test_plan_never_crashes_on_valid_configs():
+    """Every preset, shipped DeepSpeed JSONs of each kind, 1 to 1024 GPUs: a plan for each."""
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.config.validate import resolve_run
+    from bigmodel_dist.model_presets import MODEL_PRESETS
+    from bigmodel_dist.planner import Hardware, format_table, plan_run, recommend
+
+    for preset in MODEL_PRESETS:
+        for ds in ("zero0", "zero3", "zero3-offload"):
+            for precision in ("bf16",):
+                cfg = load_config(REPO / "configs" / "gpt2-tiny.yaml", [
+                    f"--model.preset={preset}", f"--deepspeed.config={ds}", f"--train.precision={precision}",
+                    "--train.global_batch_size=1024", "--train.micro_batch_size=1", "--data.seq_len=1024"])
+                for gpus, nodes in ((1, 1), (8, 1), (64, 8), (1024, 128)):
+                    hw = Hardware(gpus=gpus, nodes=nodes, gpu_memory=24 * GIB)
+                    plans = plan_run(resolve_run(cfg, gpus, has_cuda=True), hw)
+                    assert len(plans) == 8 and all(p.gpu["total"] > 0 and p.step_time_s > 0 for p in plans)
+                    assert format_table(plans, hw, recommend(plans))

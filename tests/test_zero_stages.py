@@ -26,7 +26,7 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_cache_module):
+def runs(tmp_path_factory, data_cache):
     """(precision, stage) -> rank-0 result, trained once for the whole module."""
     from .conftest import TINY
 
@@ -34,17 +34,12 @@ def runs(tmp_path_factory, data_cache_module):
     results = {}
     for precision, stages in (("fp32", range(4)), ("bf16", (0, 1, 3))):
         for stage in stages:
-            overrides = [*TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache_module}",
+            overrides = [*TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache}",
                          f"--name={precision}-zero{stage}", f"--deepspeed.config=zero{stage}",
                          f"--train.precision={precision}", f"--train.max_steps={STEPS}", "--model.dropout=0.0",
                          "--train.eval_every=0", "--checkpoint.every=0"]
             results[precision, stage] = run_distributed(train_and_collect, 2, overrides)[0]
     return results
-
-
-@pytest.fixture(scope="module")
-def data_cache_module(tmp_path_factory):
-    return tmp_path_factory.mktemp("zero-cache")
 
 
 @pytest.fixture(scope="module")
