@@ -117,9 +117,10 @@ def _measured_over_planned(preset: str, precision: str) -> dict[int, float]:
     return {stage: max(measured[stage].values()) / planned_bytes(preset, precision, stage, 2) for stage in STAGES}
 
 
-@pytest.mark.distributed
+@pytest.mark.slow
 def test_measured_model_states_match_the_plan_tiny():
-    """2 CPU ranks, real DeepSpeed engines at ZeRO 0-3: live tensor bytes ÷ planned (measured 1.00-1.02)."""
+    """2 CPU ranks, real DeepSpeed engines at ZeRO 0-3: live tensor bytes ÷ planned (measured 1.00-1.02).
+    Slow-marked because CI runs the same check in `benchmarks.run_all --quick`, which fails outside 0.85-1.15."""
     ratios = _measured_over_planned("gpt2-tiny", "fp32")
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), ratios
 
