@@ -2,9 +2,10 @@
 
 Model states follow the ZeRO paper (16Psi at stage 0; partitions of optimizer, then gradients, then
 parameters over N ranks) adjusted to what DeepSpeed really allocates (measured by
-benchmarks/planner_accuracy.py): ZeRO-1 already keeps only the rank's gradient partition;
-- mixed precision (bf16/fp16): 2-byte params and grads, 12 bytes of fp32 master + Adam moments, and at
-  ZeRO 1-2 a 4-byte fp32 gradient partition for the optimizer step;
+benchmarks/planner_accuracy.py):
+- ZeRO-1 already keeps only the rank's gradient partition, as ZeRO-2 does;
+- mixed precision (bf16/fp16): 2-byte params and grads, 12 bytes of fp32 master + Adam moments (no
+  persistent fp32 gradient partition, which DeepSpeed's own estimator counts);
 - fp32: 4-byte params and grads, 8 bytes of Adam moments, and at ZeRO 1-3 one more fp32 master copy of
   the rank's partition (+4 Psi/N);
 - buckets: the reduce bucket (`reduce_bucket_size` elements), and at ZeRO-3 the prefetch bucket and the
@@ -89,6 +90,11 @@ class MemoryPlan:
         return asdict(self)
 
 
+def _mixed(precision: str) -> bool:
+    """bf16/fp16: 2-byte params, grads and activations with an fp32 master copy."""
+    return precision in ("bf16", "fp16")
+
+
 def parse_bytes(text: str, what: str) -> float:
     """'80GiB', '80GB', '141 GiB', '512G' -> bytes; a clear error otherwise."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
@@ -102,7 +108,7 @@ def parse_bytes(text: str, what: str) -> float:
 def model_states(num_params: int, variant: Variant, precision: str, dp: int) -> tuple[dict[str, float], float]:
     """(GPU bytes by kind, CPU bytes) of params, grads and optimizer states for one rank."""
     n, s = float(num_params), variant.stage
-    mixed = precision in ("bf16", "fp16")
+    mixed = _mixed(precision)
     param_b, grad_b = (2, 2) if mixed else (4, 4)
     # Optimizer bytes per parameter: Adam m + v (8) and an fp32 master (mixed precision; for fp32, the
     # extra copy DeepSpeed keeps at ZeRO >= 1). DeepSpeed's estimator also counts a 4-byte fp32 gradient
@@ -135,7 +141,7 @@ def largest_layer_params(shape: ModelShape) -> int:
 
 
 def bucket_bytes(variant: Variant, buckets: Buckets, precision: str, shape: ModelShape) -> float:
-    grad_b = 2 if precision in ("bf16", "fp16") else 4
+    grad_b = 2 if _mixed(precision) else 4
     if variant.stage == 0:
         return 0.0
     total = buckets.reduce * grad_b
@@ -147,7 +153,7 @@ def bucket_bytes(variant: Variant, buckets: Buckets, precision: str, shape: Mode
 
 def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, precision: str, checkpointing: bool) -> float:
     s, b, h, L, V = seq_len, micro_batch, shape.hidden_size, shape.num_layers, shape.vocab_size
-    scale = 1.0 if precision in ("bf16", "fp16") else 2.0  # the 34sbh rule counts 16-bit activations
+    scale = 1.0 if _mixed(precision) else 2.0  # the 34sbh rule counts 16-bit activations
     per_layer = 34 * s * b * h * scale
     layers = L * 2 * s * b * h * scale + per_layer if checkpointing else L * per_layer
     logits = s * b * V * (2 * scale + 4 + 4)  # logits, their fp32 copy for the loss, and its gradient
@@ -159,7 +165,7 @@ def step_time(shape: ModelShape, num_params: int, seq_len: int, tokens_per_gpu_s
     """(seconds, MFU): matmul time at an assumed efficiency plus non-overlapped gradient/param traffic."""
     flops = flops_per_token(shape, seq_len) * tokens_per_gpu_step
     compute = flops * (4 / 3 if checkpointing else 1.0) / (hw.peak_tflops * 1e12 * ASSUMED_COMPUTE_EFFICIENCY)
-    bytes_per = 2 if precision in ("bf16", "fp16") else 4
+    bytes_per = 2 if _mixed(precision) else 4
     volume = 2 * num_params * bytes_per  # reduce-scatter + all-gather of gradients/params per step
     if variant.stage == 3:
         volume *= 1.5  # params gathered twice (forward, backward) + gradients reduced
@@ -177,18 +183,17 @@ def plan_variant(variant: Variant, shape: ModelShape, seq_len: int, micro_batch:
                  precision: str, checkpointing: bool, buckets: Buckets, hw: Hardware) -> MemoryPlan:
     num_params = count_parameters(shape)
     states, cpu_per_rank = model_states(num_params, variant, precision, hw.gpus)
-    fixed = sum(states.values()) + bucket_bytes(variant, buckets, precision, shape)
+    fixed = {**states, "buckets": bucket_bytes(variant, buckets, precision, shape)}
 
     def gpu_total(batch: int) -> float:
-        tensors = fixed + activation_bytes(shape, seq_len, batch, precision, checkpointing)
+        tensors = sum(fixed.values()) + activation_bytes(shape, seq_len, batch, precision, checkpointing)
         return tensors * ALLOCATOR_SLACK + CUDA_CONTEXT_BYTES
 
-    gpu = {**states, "buckets": bucket_bytes(variant, buckets, precision, shape),
-           "activations": activation_bytes(shape, seq_len, micro_batch, precision, checkpointing),
-           "framework": CUDA_CONTEXT_BYTES}
+    gpu = {**fixed, "activations": activation_bytes(shape, seq_len, micro_batch, precision, checkpointing)}
     gpu["total"] = gpu_total(micro_batch)
-    gpu["framework"] = gpu["total"] - sum(v for k, v in gpu.items() if k not in ("total", "framework"))
-    cpu = cpu_per_rank * hw.gpus_per_node + (NVME_STAGING_BYTES if "nvme" in variant.name else 0.0)
+    gpu["framework"] = gpu["total"] - sum(v for k, v in gpu.items() if k != "total")  # context + slack
+    nvme = "nvme" in (variant.offload_optimizer, variant.offload_params)
+    cpu = cpu_per_rank * hw.gpus_per_node + (NVME_STAGING_BYTES if nvme else 0.0)
     largest = 0
     while gpu_total(largest + 1) <= hw.gpu_memory and largest < 4096:
         largest += 1

@@ -154,7 +154,8 @@ def run(config_path: str, overrides: list[str]) -> int:
 
 
 def _log_working_dir() -> None:
-    """What `ray job submit --working-dir` sent (the job runs in Ray's copy of it)."""
+    """What `ray job submit --working-dir` sent (the job runs in Ray's copy of it). Counted raw, without
+    the ignore rules, so a file that slipped through shows up here."""
     total, count = 0, 0
     for root, _dirs, files in os.walk("."):
         for name in files:

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.local import child_pids
+
 NAMESPACE = "bigmodel-ray"
 TEMP_DIR = Path("/tmp/bmray")  # short: Ray's unix socket paths must stay under 108 bytes
 STATE_FILE = TEMP_DIR / "cluster.json"
@@ -50,16 +52,10 @@ def _ray_binary() -> str:
 
 
 def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
+    """Every process below `pid` (Ray's daemons, their workers and job drivers)."""
     found, todo = [], [pid]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in child_pids(todo.pop()):
             found.append(child)
             todo.append(child)
     return found
