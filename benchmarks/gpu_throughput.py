@@ -62,7 +62,7 @@ def _planned_gib(overrides: list[str]) -> float:
     from bigmodel_dist.config.validate import resolve_run
     from bigmodel_dist.planner import CUDA_CONTEXT_BYTES, GIB, Hardware, plan_run, variant_of
 
-    resolved = resolve_run(load_config("configs/gpt2-tiny.yaml", overrides), 1, has_cuda=torch.cuda.is_available())
+    resolved = resolve_run(load_config("configs/gpt2-tiny.yaml", overrides), 1)
     memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * GIB
     plans = plan_run(resolved, Hardware(gpus=1, gpu_memory=memory))
     mine = next(p for p in plans if p.variant == variant_of(resolved.deepspeed_config).name)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
+STOP_FILE_ENV = "BIGMODEL_STOP_FILE"  # set by `bigmodel launch local` for its workers
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class DistributedFacts:
     master_addr: str
     master_port: int
     job_end_time: float | None = None  # Unix time the allocation ends (Slurm), for the time-limit guard
+    stop_file: str | None = None  # a file whose appearance asks for a stop (`bigmodel launch local` sets it)
 
     @property
     def is_main(self) -> bool:
@@ -70,6 +72,7 @@ def facts_from_env(env: Mapping[str, str] | None = None) -> DistributedFacts:
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=int(env.get("MASTER_PORT", "29500")),
         job_end_time=float(env["SLURM_JOB_END_TIME"]) if env.get("SLURM_JOB_END_TIME") else None,
+        stop_file=env.get(STOP_FILE_ENV) or None,
     )
 
 

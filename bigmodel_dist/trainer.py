@@ -31,8 +31,9 @@ from bigmodel_dist.distributed import DistributedFacts, on_rank0_then_shared
 from bigmodel_dist.metrics import MetricsLogger, device_peak_tflops
 from bigmodel_dist.model_presets import flops_per_token
 from bigmodel_dist.models import build_model, weight_decay_groups
-from bigmodel_dist.preemption import StopController
+from bigmodel_dist.preemption import StopController, StopSignals
 from bigmodel_dist.runtime import Runtime, create_accelerator, prepare, set_learning_rate
+from bigmodel_dist.startup import StartupClock
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,14 @@ class StepReporter(Protocol):
 
 
 class Trainer:
-    def __init__(self, resolved: ResolvedRun, facts: DistributedFacts, reporter: StepReporter | None = None):
+    def __init__(self, resolved: ResolvedRun, facts: DistributedFacts, reporter: StepReporter | None = None,
+                 stop_signals: StopSignals | None = None, clock: StartupClock | None = None):
+        """`stop_signals`: pass the ones installed at process start, so a stop asked for during imports or
+        this set-up is honoured; without them the Trainer watches from here on. `clock`: the start-up
+        clock of this process, reported with the first step."""
+        self._owns_signals = stop_signals is None
+        self.clock = clock or StartupClock()
+        self.signals = stop_signals or StopSignals(resolved.config.checkpoint.stop_signals, facts.stop_file)
         self.resolved = resolved
         self.reporter = reporter
         self._unreported: dict[str, Any] = {}  # this step's metrics, for the reporter
@@ -75,26 +83,32 @@ class Trainer:
         # Before the first collective: W&B may take seconds to start and no rank may wait on it.
         self.metrics = MetricsLogger(self.run_dir, self.cfg.logging, to_dict(self.cfg), facts.is_main,
                                      self.cfg.train.max_steps)
+        self.clock.mark("logging")
         accelerator = create_accelerator(resolved.deepspeed_config, self.cfg.train.precision)
         self._write_run_files(accelerator)
+        self.clock.mark("process group")
         self.dataset = self._open_data(accelerator)
         self.tokenizer = self.dataset.tokenizer()
+        self.clock.mark("data")
         self.checkpoints = CheckpointManager(self.run_dir, self.cfg.checkpoint, facts)
         resume = self.checkpoints.choose_resume(self.cfg.checkpoint.resume)
         load_from = None
         if resume is not None:
             check_resumable(resume, resolved)
             load_from = self._loadable_copy(resume, accelerator)
+        self.clock.mark("checkpoint choice")
         model = build_model(self.cfg.model, self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id)
         self.runtime: Runtime = prepare(accelerator, model, weight_decay_groups(model, self.cfg.optim.weight_decay),
                                         self.cfg.optim.lr)
         torch.manual_seed(self.cfg.seed + 1000 * facts.rank)  # dropout differs per rank, same on every run
+        self.clock.mark("model + engine")
         if resume is not None:
             self._load(resume, load_from)
+            self.clock.mark("checkpoint load")
         if self.cfg.checkpoint.async_save:  # DeepSpeed hands its state to us instead of writing it
             engine = self.runtime.engine
             engine.checkpoint_engine = SnapshotCheckpointEngine(engine._config)
-        self.stopper = StopController(self.cfg.checkpoint.stop_signals, self.cfg.checkpoint.end_time or facts.job_end_time,
+        self.stopper = StopController(self.signals, self.cfg.checkpoint.end_time or facts.job_end_time,
                                       self.cfg.checkpoint.time_limit_margin_s, facts.is_main, self.runtime.device)
         self.loader = BatchLoader(self.dataset.train, resolved.layout, facts.rank, self.cfg.seed,
                                   start_step=self.state.step, prefetch=self.cfg.data.prefetch,
@@ -109,11 +123,15 @@ class Trainer:
         self._announce()
         last_log_time, last_log_step = time.perf_counter(), self.state.step
         step_losses: list[torch.Tensor] = []
-        while not self._should_stop():
+        # A stop asked for during start-up ends the run before its first step: nothing new to save.
+        self.state.stop_reason = self.stopper.agreed_stop()
+        while not self.state.stop_reason and not self._should_stop():
             lr = lr_at(self.state.step, cfg.optim, train.max_steps)
             set_learning_rate(self.runtime, lr)
             step_losses.append(self._train_step())
             self.state.step += 1
+            if "first step" not in self.clock.phases:
+                self._report_startup()
             self.state.tokens_seen += self.resolved.tokens_per_step
 
             logged = self.state.step % train.log_every == 0 or self._should_stop()
@@ -138,6 +156,12 @@ class Trainer:
                 last_log_time, last_log_step = time.perf_counter(), self.state.step
         self._finish()
         return self.state
+
+    def _report_startup(self) -> None:
+        self.clock.mark("first step")
+        if self.facts.is_main:
+            log.info(self.clock.summary())
+        self._log(self.clock.as_metrics())
 
     def _train_step(self) -> torch.Tensor:
         """One optimizer step: grad_accum micro-steps; DeepSpeed clips and steps at the boundary."""
@@ -285,9 +309,9 @@ class Trainer:
         for note in r.deepspeed_notes:
             log.warning(note)
         log.info(
-            "model %s: %.1fM parameters | ZeRO-%d %s | global batch %d = micro %d x accum %d x dp %d | "
+            "model %s: %.1fM parameters | ZeRO-%d %s (%s) | global batch %d = micro %d x accum %d x dp %d | "
             "%d tokens/step | %d train sequences of %d tokens | run dir %s",
-            self.cfg.model.preset, r.num_parameters / 1e6, r.zero_stage, self.cfg.train.precision,
+            self.cfg.model.preset, r.num_parameters / 1e6, r.zero_stage, self.cfg.train.precision, r.precision_reason,
             layout.global_batch_size, layout.micro_batch_size, layout.grad_accum_steps, layout.data_parallel_size,
             r.tokens_per_step, len(self.dataset.train), self.cfg.data.seq_len, self.run_dir,
         )
@@ -309,7 +333,8 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpoints.wait()
-        self.stopper.close()
+        if self._owns_signals:
+            self.signals.close()
         self.loader.close()
         self.metrics.close()
         self.runtime.accelerator.end_training()

@@ -115,6 +115,14 @@ def resume_override(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from bigmodel_dist.distributed import STOP_FILE_ENV
+    from bigmodel_dist.preemption import StopSignals
+
+    # First, before the heavy imports: a stop signal from the first second on is remembered, not fatal.
+    signals = StopSignals(stop_file=os.environ.get(STOP_FILE_ENV))
+    from bigmodel_dist.startup import StartupClock
+
+    clock = StartupClock()
     from bigmodel_dist.config import load_config
     from bigmodel_dist.config.validate import resolve_run
     from bigmodel_dist.distributed import facts_from_env, torchrun_env_from_slurm
@@ -135,16 +143,19 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides = [f"--deepspeed.config={accelerate_json}", *overrides]
     overrides = [*overrides, *resume_override(args)]
     cfg = load_config(args.config, overrides)
-
-    import torch
-
-    resolved = resolve_run(cfg, facts.world_size, has_cuda=torch.cuda.is_available())
+    signals.watch(cfg.checkpoint.stop_signals)
+    resolved = resolve_run(cfg, facts.world_size)
     from bigmodel_dist.trainer import Trainer
 
-    trainer = Trainer(resolved, facts)
+    clock.mark("imports + config")
+    trainer = Trainer(resolved, facts, stop_signals=signals, clock=clock)
     state = trainer.train()
     trainer.close()
-    return cfg.checkpoint.requeue_exit_code if state.stop_reason else 0
+    if not (state.stop_reason or signals.received):
+        return 0
+    # `launch local` reads the run's STOPPED marker and exits with the requeue code itself; a worker's
+    # non-zero exit would only make torchrun print a failure report.
+    return 0 if facts.stop_file else cfg.checkpoint.requeue_exit_code
 
 
 def _cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -178,9 +189,10 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.config import load_config
     from bigmodel_dist.config.validate import resolve_run
     from bigmodel_dist.planner import GIB, format_table, plan_run, recommend, variant_of
+    from bigmodel_dist.precision import DeviceInfo
 
     hw = hardware_from_args(args)
-    resolved = resolve_run(load_config(args.config, overrides), hw.gpus, has_cuda=True)
+    resolved = resolve_run(load_config(args.config, overrides), hw.gpus, DeviceInfo.gpu_target())
     checkpointing = None if args.activation_checkpointing is None else args.activation_checkpointing == "on"
     plans = plan_run(resolved, hw, checkpointing)
     best = recommend(plans)
@@ -239,7 +251,7 @@ def format_summary(resolved) -> str:
                          f"{layout.grad_accum_steps} x dp {layout.data_parallel_size}"),
         ("tokens per step", f"{resolved.tokens_per_step:,}"),
         ("max steps / tokens", f"{cfg.train.max_steps} / {cfg.train.max_steps * resolved.tokens_per_step:,}"),
-        ("precision", cfg.train.precision),
+        ("precision", f"{cfg.train.precision} ({resolved.precision_reason})"),
         ("DeepSpeed", f"ZeRO-{resolved.zero_stage} from {resolved.deepspeed_source}"),
         ("model states per rank", f"{memory['total'] / gib:.3f} GiB (params {memory['params'] / gib:.3f}, grads "
                                   f"{memory['grads'] / gib:.3f}, optimizer {memory['optimizer'] / gib:.3f})"),

@@ -10,24 +10,32 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from bigmodel_dist.config import load_config
 from bigmodel_dist.config.validate import resolve_run
+from bigmodel_dist.distributed import STOP_FILE_ENV
 from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.precision import DeviceInfo, detect_device
+from bigmodel_dist.preemption import StopSignals
 from launcher.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
 
-def default_nproc_per_node() -> int:
+def default_nproc_per_node(device: DeviceInfo) -> int:
+    """Every GPU of the machine, or 2 processes on CPU."""
+    if not device.has_cuda:
+        return 2
     import torch
 
-    return torch.cuda.device_count() or 2
+    return torch.cuda.device_count()
 
 
 def torchrun_command(args: argparse.Namespace, nproc_per_node: int, overrides: list[str]) -> list[str]:
@@ -45,17 +53,33 @@ def torchrun_command(args: argparse.Namespace, nproc_per_node: int, overrides: l
 
 
 def launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
+    # A stop may come at any moment, also before torchrun exists: remember it, and pass it on to the
+    # workers through a file they look at every step (a signal could reach a worker before its handler).
+    stop_dir = Path(tempfile.mkdtemp(prefix="bigmodel-launch-"))
+    stop_file = stop_dir / "stop"
+    signals = StopSignals(on_signal=stop_file.touch)
+    try:
+        return _launch(args, overrides, signals, stop_file)
+    finally:
+        shutil.rmtree(stop_dir, ignore_errors=True)
+
+
+def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals, stop_file: Path) -> int:
     setup_logging()
-    nproc = args.nproc_per_node or default_nproc_per_node()
+    device = detect_device()  # imports torch only where there is a GPU
+    nproc = args.nproc_per_node or default_nproc_per_node(device)
+    log.info("checking %s for %d process(es) on %s", args.config, nproc * args.nnodes, device.name)
     if nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise UserInputError("--nproc-per-node and --nnodes must be >= 1 and 0 <= --node-rank < --nnodes")
-    import torch
-
     from launcher.cli import prepare_for, resume_override
 
     overrides = [*overrides, *resume_override(args)]
-    resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, has_cuda=torch.cuda.is_available())
-    if torch.cuda.is_available():
+    resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, device)
+    requeue_code = resolved.config.checkpoint.requeue_exit_code
+    signals.watch(resolved.config.checkpoint.stop_signals)
+    if device.has_cuda:
+        import torch
+
         from bigmodel_dist.planner import Hardware, fit_warning
 
         memory = torch.cuda.get_device_properties(0).total_memory
@@ -63,15 +87,20 @@ def launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
         if warning:
             log.warning(warning)
     prepare_for(resolved)  # here, not in the workers: a progress bar, and input errors before torchrun
+    if signals.received:
+        log.warning("%s before training started: nothing new to save; exit %d asks to requeue",
+                    signals.received, requeue_code)
+        return requeue_code
     command = torchrun_command(args, nproc, overrides)
     log.info("launching %d process(es) on this node: %s", nproc, " ".join(command))
     started = time.time()
-    child = _start_in_own_group(command)
-    _forward_signals(child)
+    child = _start_in_own_group(command, {**os.environ, STOP_FILE_ENV: str(stop_file)})
+    _forward_interrupts(child)
     code = child.wait()
-    if _marker_since(resolved.run_dir / "STOPPED", started):
-        code = resolved.config.checkpoint.requeue_exit_code
-        log.warning("training stopped early and saved a checkpoint; exit %d asks to requeue", code)
+    if _marker_since(resolved.run_dir / "STOPPED", started) or signals.received:
+        code = requeue_code
+        log.warning("training was asked to stop (%s) and saved what was new; exit %d asks to requeue",
+                    signals.received or "on a worker", code)
     elif code != 0 and _marker_since(resolved.run_dir / "COMPLETED", started):
         # Workers sometimes abort in interpreter teardown after all work is saved (seen with gloo).
         log.warning("torchrun exited %d after the run had completed and saved; treating it as success", code)
@@ -80,17 +109,19 @@ def launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
     return code
 
 
-def _start_in_own_group(command: list[str]) -> subprocess.Popen:
-    """torchrun in a session of its own (terminal Ctrl-C reaches only us), deaf to SIGUSR1.
+def _start_in_own_group(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """torchrun in a session of its own (terminal Ctrl-C reaches only us), with SIGUSR1 blocked.
 
-    torchrun dies of SIGUSR1 (it handles only TERM/INT/HUP/QUIT); ignoring it here is inherited by
-    torchrun, and the workers install their own handler over it.
+    torchrun dies of SIGUSR1 (it handles only TERM/INT/HUP/QUIT), and Slurm may send it to every process
+    of the step. The blocked mask is inherited by torchrun and its workers; the workers unblock it once
+    their handler is in place, so a SIGUSR1 sent during their start-up waits for them. Blocking it here
+    (instead of ignoring it) leaves no moment in which our own handler is not there.
     """
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
-        return subprocess.Popen(command, start_new_session=True)
+        return subprocess.Popen(command, start_new_session=True, env=env)
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -106,16 +137,17 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-def _forward_signals(child: subprocess.Popen) -> None:
+def _forward_interrupts(child: subprocess.Popen) -> None:
+    """Ctrl-C aborts: it reaches the workers at once and torchrun for its own shutdown. (Stop signals do
+    not: they go through the stop file, and torchrun would answer TERM by killing the workers.)"""
     def forward(signum, _frame):
-        for pid in [child.pid, *child_pids(child.pid)]:  # workers at once; torchrun for its own shutdown
+        for pid in [child.pid, *child_pids(child.pid)]:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, forward)
+    signal.signal(signal.SIGINT, forward)
 
 
 def _marker_since(marker: Path, started: float) -> bool:

@@ -20,6 +20,7 @@ from bigmodel_dist.config.loader import to_dict
 from bigmodel_dist.config.schema import Config
 from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
+from bigmodel_dist.precision import DeviceInfo
 from launcher.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,14 @@ def check_output_dir(cfg: Config) -> None:
         raise UserInputError(f"config field output_dir: {cfg.output_dir!r} is relative, so the run would land in "
                              "Ray's temporary copy of the working dir; give an absolute path on storage every node "
                              "sees, e.g. --output_dir=/shared/runs")
+
+
+def ray_workers_device(cfg: Config) -> DeviceInfo:
+    """The workers' device as the config describes it: the driver may run where they do not (a CPU head).
+    Each worker decides `precision: auto` again on its own device."""
+    if cfg.ray.use_gpu:
+        return DeviceInfo.gpu_target()
+    return DeviceInfo(has_cuda=False, native_bf16=False, name="Ray CPU workers")
 
 
 def required_resources(cfg: Config) -> dict[str, float]:
@@ -135,7 +144,7 @@ def run(config_path: str, overrides: list[str]) -> int:
 
     cfg = load_config(config_path, overrides)
     check_output_dir(cfg)
-    resolved = resolve_run(cfg, cfg.ray.num_workers, has_cuda=cfg.ray.use_gpu)
+    resolved = resolve_run(cfg, cfg.ray.num_workers, ray_workers_device(cfg))
     _log_working_dir()
     connect(cfg)
     import ray

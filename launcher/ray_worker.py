@@ -105,7 +105,6 @@ class RayReporter:
 def train_worker(job: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`: the same trainer every launcher runs."""
     import ray.train
-    import torch
 
     from bigmodel_dist.config.loader import from_dict
     from bigmodel_dist.config.validate import resolve_run
@@ -126,7 +125,7 @@ def train_worker(job: dict[str, Any]) -> None:
     # W&B runs on Ray's controller (launcher/ray_wandb.py), which outlives killed workers; the workers
     # keep metrics.jsonl only.
     cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb_mode="disabled"))
-    resolved = resolve_run(cfg, facts.world_size, has_cuda=torch.cuda.is_available())
+    resolved = resolve_run(cfg, facts.world_size)
     checkpoint = ray.train.get_checkpoint()
     manifest = None
     if checkpoint is not None:

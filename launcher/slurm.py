@@ -16,6 +16,7 @@ from pathlib import Path
 from bigmodel_dist.config import load_config
 from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
+from bigmodel_dist.precision import DeviceInfo
 from launcher.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ def sbatch_command(args: argparse.Namespace, overrides: list[str], run_dir: Path
 def launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
     setup_logging()
     per_node = args.nproc_per_node or args.gpus_per_node or 1
-    resolved = resolve_run(load_config(args.config, overrides), args.nodes * per_node)
+    # On a login node: the GPU nodes decide "auto" themselves; here we check for their kind of device.
+    device = DeviceInfo.gpu_target() if args.gpus_per_node else None
+    resolved = resolve_run(load_config(args.config, overrides), args.nodes * per_node, device)
     if args.gpus_per_node:
         from bigmodel_dist.planner import Hardware, fit_warning, parse_bytes
 
@@ -81,7 +84,7 @@ def preflight(config: str, overrides: list[str]) -> ResolvedRun:
     if gpus_here and per_node > gpus_here:
         raise UserInputError(f"{per_node} processes per node but this node has {gpus_here} GPU(s); "
                              "lower --gpus-per-node / BIGMODEL_NPROC_PER_NODE")
-    resolved = resolve_run(load_config(config, overrides), nnodes * per_node, has_cuda=bool(gpus_here))
+    resolved = resolve_run(load_config(config, overrides), nnodes * per_node)
     previous = newest_committed(resolved.run_dir)
     if previous is not None:  # the run name is the resume key: it must name the same run
         check_resumable(previous, resolved)

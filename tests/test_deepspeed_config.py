@@ -14,6 +14,7 @@ from bigmodel_dist.config.deepspeed import (
 )
 from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.errors import ConfigError, UserInputError
+from bigmodel_dist.precision import DeviceInfo
 
 SHIPPED = sorted(SHIPPED_DEEPSPEED_DIR.glob("*.json"))
 
@@ -38,7 +39,7 @@ def test_batch_identity_violations_name_the_field():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_every_shipped_deepspeed_json_resolves_without_auto(path):
     cfg = load_config(None, [f"--deepspeed.config={path.stem}"])
-    resolved = resolve_run(cfg, world_size=2)
+    resolved = resolve_run(cfg, world_size=2, device=DeviceInfo.gpu_target())  # precision auto -> bf16 there
     ds = resolved.deepspeed_config
     assert "auto" not in json.dumps(ds)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
@@ -113,3 +114,52 @@ def test_precision_is_decided_by_the_run_config(tmp_path):
     forced = _user_json(tmp_path, {"bf16": {"enabled": True}})
     with pytest.raises(UserInputError, match="bf16.enabled=true conflicts with train.precision"):
         resolve_deepspeed_config(cfg, derive_batch_layout(cfg.train, 1), 128, forced)
+
+
+CPU_AVX2 = DeviceInfo(has_cuda=False, native_bf16=False, name="CPU (AVX2)")
+CPU_AMX = DeviceInfo(has_cuda=False, native_bf16=True, name="CPU (AMX)")
+
+
+@pytest.mark.parametrize(("requested", "device", "expected"), [
+    ("auto", CPU_AVX2, "fp32"), ("auto", CPU_AMX, "bf16"), ("auto", DeviceInfo.gpu_target(), "bf16"),
+    ("auto", DeviceInfo(has_cuda=True, native_bf16=False, name="V100"), "fp32"),
+    ("bf16", CPU_AVX2, "bf16"), ("fp16", DeviceInfo.gpu_target(), "fp16"), ("fp32", CPU_AMX, "fp32"),
+])
+def test_precision_auto_follows_the_device_and_an_explicit_choice_wins(requested, device, expected):
+    resolved = resolve_run(load_config(None, [f"--train.precision={requested}"]), world_size=1, device=device)
+    assert resolved.config.train.precision == expected  # never "auto" past resolution
+    assert resolved.deepspeed_config["bf16"]["enabled"] is (expected == "bf16")
+    assert (requested == "auto") == resolved.precision_reason.startswith("auto:")
+    assert device.name in resolved.precision_reason or requested != "auto"
+
+
+def test_this_machine_gets_the_precision_its_cpu_runs_fast():
+    import torch
+
+    from bigmodel_dist.precision import cpu_name_and_flags
+
+    resolved = resolve_run(load_config(None, []), world_size=1)  # the default: auto, on this machine
+    capabilities = torch.cpu.get_capabilities()  # torch's own CPUID reading, against our /proc/cpuinfo one
+    native = torch.cuda.is_available() or capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")
+    assert resolved.config.train.precision == ("bf16" if native else "fp32")
+    assert resolved.precision_reason.startswith("auto:")
+    assert ("avx512_bf16" in cpu_name_and_flags()[1]) == capabilities.get("avx512_bf16")
+
+
+def test_cpu_flags_are_read_for_x86_and_arm():
+    from bigmodel_dist.precision import cpu_name_and_flags
+
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\nflags\t: fpu avx2\n"
+    assert cpu_name_and_flags(x86) == ("AMD EPYC", {"fpu", "avx2", "fma"})
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU part\t: 0xd4f\n"
+    assert "bf16" in cpu_name_and_flags(arm)[1]
+
+
+def test_cpu_runs_use_torch_adamw_and_gpu_or_offload_runs_deepspeeds():
+    cfg = load_config(None, ["--deepspeed.config=zero2"])
+    cpu = resolve_run(cfg, world_size=2, device=CPU_AVX2).deepspeed_config["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and cpu["fused"] is True  # no JIT-built DeepSpeed op on CPU
+    gpu = resolve_run(cfg, world_size=2, device=DeviceInfo.gpu_target()).deepspeed_config["optimizer"]["params"]
+    assert "torch_adam" not in gpu
+    offload = resolve_run(load_config(None, ["--deepspeed.config=zero2-offload"]), world_size=2, device=CPU_AVX2)
+    assert "torch_adam" not in offload.deepspeed_config["optimizer"]["params"]  # CPU Adam is the offload path

@@ -139,6 +139,7 @@ def test_plan_never_crashes_on_valid_configs():
     from bigmodel_dist.config.validate import resolve_run
     from bigmodel_dist.model_presets import MODEL_PRESETS
     from bigmodel_dist.planner import Hardware, format_table, plan_run, recommend
+    from bigmodel_dist.precision import DeviceInfo
 
     for preset in MODEL_PRESETS:
         for ds in ("zero0", "zero3", "zero3-offload"):
@@ -148,6 +149,6 @@ def test_plan_never_crashes_on_valid_configs():
                     "--train.global_batch_size=1024", "--train.micro_batch_size=1", "--data.seq_len=1024"])
                 for gpus, nodes in ((1, 1), (8, 1), (64, 8), (1024, 128)):
                     hw = Hardware(gpus=gpus, nodes=nodes, gpu_memory=24 * GIB)
-                    plans = plan_run(resolve_run(cfg, gpus, has_cuda=True), hw)
+                    plans = plan_run(resolve_run(cfg, gpus, DeviceInfo.gpu_target()), hw)
                     assert len(plans) == 8 and all(p.gpu["total"] > 0 and p.step_time_s > 0 for p in plans)
                     assert format_table(plans, hw, recommend(plans))

@@ -77,7 +77,7 @@ def build_under_zero3(overrides: list[str]) -> dict:
     facts = facts_from_env()
     cfg = load_config(None, overrides)
     resolved = resolve_run(cfg, facts.world_size)
-    create_accelerator(resolved.deepspeed_config, cfg.train.precision)
+    create_accelerator(resolved.deepspeed_config, resolved.config.train.precision)
     model = build_model(cfg.model, cfg.seed)
     params = list(model.parameters())
     return {

@@ -127,6 +127,12 @@ def resolve_deepspeed_config(
     for block in ("offload_optimizer", "offload_param"):
         if zero.get(block, {}).get("pin_memory") == "auto":
             zero[block]["pin_memory"] = has_cuda  # pinned host memory needs a GPU driver
+    offloaded = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    if not has_cuda and not offloaded and "optimizer" in ds:
+        # Without a GPU, DeepSpeed's Adam is a JIT-built C++ op (~90 s to compile on a fresh machine, and
+        # an op load plus a CPU probe in every process); torch's fused CPU AdamW does the same update.
+        ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+        ds["optimizer"]["params"].setdefault("fused", True)
 
     leftover = _find_auto(ds)
     if leftover:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from bigmodel_dist.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -138,8 +138,9 @@ class TrainConfig:
     """Stop after this many optimizer steps."""
     max_tokens: int = 0
     """Also stop once this many training tokens were seen; 0 means no token limit."""
-    precision: str = "bf16"
-    """fp32, bf16 or fp16 (DeepSpeed mixed precision)."""
+    precision: str = "auto"
+    """auto, fp32, bf16 or fp16 (DeepSpeed mixed precision). auto: bf16 where the device computes it
+    natively (CUDA GPUs with bf16, CPUs with AVX512-BF16/AMX), else fp32; the choice is logged once."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     log_every: int = 1

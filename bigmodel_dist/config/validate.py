@@ -2,11 +2,13 @@
 
 `resolve_run` turns a Config plus a world size into a `ResolvedRun`: batch layout, the DeepSpeed config
 DeepSpeed will get, model size and the figures `bigmodel validate` prints. It touches the file system
-only to read and to check writability; it writes nothing. No torch import: it must stay instant.
+only to read and to check writability; it writes nothing. The device (for `train.precision: auto` and
+pinned memory) is passed in; only when it is not does this ask torch about the machine it runs on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from bigmodel_dist.config.deepspeed import (
 from bigmodel_dist.config.schema import Config
 from bigmodel_dist.errors import ConfigError
 from bigmodel_dist.model_presets import ModelShape, count_parameters, model_shape
+from bigmodel_dist.precision import DeviceInfo, choose_precision, detect_device
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class ResolvedRun:
     deepspeed_notes: list[str]
     shape: ModelShape
     num_parameters: int
+    precision_reason: str = "set in the config"  # why config.train.precision is what it is ("auto" resolved)
 
     @property
     def zero_stage(self) -> int:
@@ -49,10 +53,14 @@ class ResolvedRun:
         )
 
 
-def resolve_run(cfg: Config, world_size: int, has_cuda: bool = False) -> ResolvedRun:
-    """Check and derive everything for a run on `world_size` data-parallel ranks."""
+def resolve_run(cfg: Config, world_size: int, device: DeviceInfo | None = None) -> ResolvedRun:
+    """Check and derive everything for a run on `world_size` data-parallel ranks of `device` (default:
+    this machine's). The returned config holds a concrete precision, never "auto"."""
     if world_size < 1:
         raise ConfigError("world size", f"must be >= 1, got {world_size}")
+    device = device or detect_device()
+    precision, precision_reason = choose_precision(cfg.train.precision, device)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     layout = derive_batch_layout(cfg.train, world_size)
     shape = model_shape(cfg.model.preset, cfg.model.vocab_size)
     if cfg.data.seq_len > shape.max_positions:
@@ -60,12 +68,14 @@ def resolve_run(cfg: Config, world_size: int, has_cuda: bool = False) -> Resolve
             "data.seq_len", f"{cfg.data.seq_len} exceeds the {cfg.model.preset} context of {shape.max_positions} tokens"
         )
     source = locate_deepspeed_json(cfg.deepspeed.config)
-    ds, notes = resolve_deepspeed_config(cfg, layout, shape.hidden_size, source, has_cuda=has_cuda)
+    ds, notes = resolve_deepspeed_config(cfg, layout, shape.hidden_size, source, has_cuda=device.has_cuda)
     check_offload_paths(ds, source)
     _check_data_paths(cfg)
+    _check_tokenizer_fits(cfg, shape.vocab_size)
+    _check_resume_path(cfg.checkpoint.resume)
     run_dir = Path(cfg.output_dir) / cfg.name
     _check_writable(run_dir, "output_dir")
-    return ResolvedRun(cfg, run_dir, layout, source, ds, notes, shape, count_parameters(shape))
+    return ResolvedRun(cfg, run_dir, layout, source, ds, notes, shape, count_parameters(shape), precision_reason)
 
 
 def model_state_bytes_per_rank(num_params: int, zero_stage: int, precision: str, dp: int) -> dict[str, float]:
@@ -92,3 +102,42 @@ def _check_writable(path: Path, field: str) -> None:
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise ConfigError(field, f"{existing} is not a writable folder; choose an output_dir you can write to")
+
+
+# A byte-level BPE holds the 256 byte tokens plus the end-of-text token before it learns any merge.
+MIN_BPE_VOCAB = 257
+
+
+def _check_tokenizer_fits(cfg: Config, vocab_size: int) -> None:
+    """Every id the tokenizer can produce must be an embedding row of the model."""
+    if cfg.data.tokenizer is None:
+        if vocab_size < MIN_BPE_VOCAB:
+            raise ConfigError("model.vocab_size", f"{vocab_size} is too small for the byte-level BPE trained on the "
+                                                  f"corpus (256 bytes + end-of-text); use at least {MIN_BPE_VOCAB}")
+        return
+    tokens = tokenizer_json_size(Path(cfg.data.tokenizer, "tokenizer.json"))
+    if tokens > vocab_size:
+        raise ConfigError("model.vocab_size", f"{vocab_size} is smaller than the {tokens} tokens of data.tokenizer "
+                                              f"{cfg.data.tokenizer}; raise it to at least {tokens} (or drop it)")
+
+
+def tokenizer_json_size(path: Path) -> int:
+    """Tokens of a fast tokenizer's tokenizer.json (vocabulary plus added tokens), without loading it."""
+    import json
+
+    try:
+        spec = json.loads(path.read_text())
+        ids = set(spec["model"]["vocab"].values()) | {token["id"] for token in spec.get("added_tokens", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError("data.tokenizer", f"{path} is not a readable fast-tokenizer file; save the tokenizer with "
+                                            "save_pretrained() into that folder") from None
+    return max(ids) + 1 if ids else 0
+
+
+def _check_resume_path(resume: str) -> None:
+    if resume in ("latest", "none"):
+        return
+    if not Path(resume, "bigmodel_meta.json").is_file():
+        what = "does not exist" if not Path(resume).exists() else "is not a committed checkpoint (no bigmodel_meta.json)"
+        raise ConfigError("checkpoint.resume", f"{resume} {what}; give a step folder such as "
+                                               "runs/NAME/checkpoints/step_00000100, latest or none")

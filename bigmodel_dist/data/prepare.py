@@ -147,6 +147,7 @@ def check_compatible(meta: dict[str, Any], wanted: dict[str, Any], prepared: Pat
 
 
 def _obtain_tokenizer(data_cfg: DataConfig, dataset: _Lazy, vocab_size: int, cache_dir: Path, source_fp: str):
+    folder = None
     if data_cfg.tokenizer is not None:
         tokenizer = load_tokenizer(data_cfg.tokenizer)
     else:
@@ -158,7 +159,8 @@ def _obtain_tokenizer(data_cfg: DataConfig, dataset: _Lazy, vocab_size: int, cac
             texts = (batch["text"] for batch in dataset().iter(batch_size=DOCS_PER_BATCH))
             tokenizer = train_bpe_tokenizer(texts, vocab_size, folder)
     if len(tokenizer) > vocab_size:
-        raise UserInputError(f"tokenizer {data_cfg.tokenizer}: {len(tokenizer)} tokens do not fit the model's "
+        name = data_cfg.tokenizer or f"trained on the corpus ({folder})"
+        raise UserInputError(f"tokenizer {name}: {len(tokenizer)} tokens do not fit the model's "
                              f"vocabulary of {vocab_size}; raise model.vocab_size")
     return tokenizer
 
