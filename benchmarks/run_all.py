@@ -17,8 +17,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_RESULTS = RESULTS / "quick"
-BENCHMARKS = ("trainer_overhead", "data_pipeline", "checkpoint", "planner_accuracy")
+BENCHMARKS = ("trainer_overhead", "data_pipeline", "checkpoint", "planner_accuracy", "startup", "precision")
 QUICK_ARGS = {
+    "startup": ["--repeats", "1", "--no-cold"],
+    "precision": ["--steps", "2", "--rounds", "1"],
     "trainer_overhead": ["--preset", "gpt2-tiny", "--blocks", "2", "--block-steps", "3"],
     "data_pipeline": ["--mbytes", "1", "--vocab", "1024", "--seq-len", "128", "--repeats", "1"],
     "checkpoint": ["--preset", "gpt2-tiny", "--repeats", "1"],

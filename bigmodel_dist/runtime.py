@@ -71,3 +71,21 @@ def full_parameters(engine) -> dict[str, torch.Tensor]:
         master = safe_get_full_fp32_param(param)
         full[name] = (master if master is not None else param.data).detach().float().cpu()
     return full
+
+
+def unshare_optimizer_steps(engine) -> None:
+    """Give every optimizer state its own `step` counter after a universal-checkpoint load.
+
+    DeepSpeed's ZeRO-3 universal load assigns one `step` tensor object to every parameter group's state;
+    torch's AdamW increments `step` in place per state, so with two groups (decay, no decay) it counted
+    two per step and the bias correction drifted (2.6e-3 in loss after 2 steps, measured). Harmless for
+    optimizers that keep the step in their param groups (DeepSpeed's fused Adam).
+    """
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    seen: set[int] = set()
+    for state in base.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))

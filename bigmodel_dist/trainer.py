@@ -32,7 +32,13 @@ from bigmodel_dist.metrics import MetricsLogger, device_peak_tflops
 from bigmodel_dist.model_presets import flops_per_token
 from bigmodel_dist.models import build_model, weight_decay_groups
 from bigmodel_dist.preemption import StopController, StopSignals
-from bigmodel_dist.runtime import Runtime, create_accelerator, prepare, set_learning_rate
+from bigmodel_dist.runtime import (
+    Runtime,
+    create_accelerator,
+    prepare,
+    set_learning_rate,
+    unshare_optimizer_steps,
+)
 from bigmodel_dist.startup import StartupClock
 
 log = logging.getLogger(__name__)
@@ -87,6 +93,9 @@ class Trainer:
         accelerator = create_accelerator(resolved.deepspeed_config, self.cfg.train.precision)
         self._write_run_files(accelerator)
         self.clock.mark("process group")
+        if facts.is_main:
+            log.info("process group ready: %d rank(s), %s; opening data, building the model and engine",
+                     facts.world_size, "nccl" if torch.cuda.is_available() else "gloo")
         self.dataset = self._open_data(accelerator)
         self.tokenizer = self.dataset.tokenizer()
         self.clock.mark("data")
@@ -248,6 +257,8 @@ class Trainer:
     def _load(self, resume: ResumePoint, load_from: Path) -> None:
         """Model, optimizer and RNG states through Accelerate; step and data cursor from the metadata."""
         self.runtime.accelerator.load_state(str(load_from))
+        if load_from != resume.path:  # loaded through a universal checkpoint
+            unshare_optimizer_steps(self.runtime.engine)
         # load_state restores Accelerate's micro-step counter, which places accumulation boundaries;
         # we resume at a boundary, and with another world size the old count would misplace them.
         self.runtime.accelerator.step = 0

@@ -68,7 +68,6 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
     setup_logging()
     device = detect_device()  # imports torch only where there is a GPU
     nproc = args.nproc_per_node or default_nproc_per_node(device)
-    log.info("checking %s for %d process(es) on %s", args.config, nproc * args.nnodes, device.name)
     if nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise UserInputError("--nproc-per-node and --nnodes must be >= 1 and 0 <= --node-rank < --nnodes")
     from launcher.cli import prepare_for, resume_override
@@ -77,6 +76,7 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
     resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, device)
     requeue_code = resolved.config.checkpoint.requeue_exit_code
     signals.watch(resolved.config.checkpoint.stop_signals)
+    log.info("config checked for %d process(es) on %s; checking the data", nproc * args.nnodes, device.name)
     if device.has_cuda:
         import torch
 

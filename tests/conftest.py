@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from .cluster.fixtures import ray_cluster, slurm_cluster  # noqa: F401  (real local clusters, session-wide)
+from .guards import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,3 +45,54 @@ def cli_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["WANDB_SILENT"] = "true"
     return env
+
+
+# The one run that every stop-and-resume test compares with (tests/test_resume.py, the Slurm requeue):
+# 30 steps leave time to stop it mid-run on fast machines; its straight reference is run once per stage.
+RESUME_STEPS = 30
+RESUME_RUN = [*TINY, "--train.eval_every=0", "--checkpoint.every=0", f"--train.max_steps={RESUME_STEPS}"]
+
+
+@pytest.fixture(scope="session")
+def straight_losses(tmp_path_factory, data_cache) -> Callable[[int], dict[int, float]]:
+    """`straight_losses(stage)`: per-step losses of RESUME_RUN uninterrupted (launch local, 2 ranks)."""
+    from .launching import launch_local_command, losses
+
+    done: dict[int, dict[int, float]] = {}
+
+    def get(stage: int) -> dict[int, float]:
+        if stage not in done:
+            out = tmp_path_factory.mktemp(f"straight-zero{stage}")
+            command = launch_local_command(*RESUME_RUN, f"--output_dir={out}", f"--data.cache_dir={data_cache}",
+                                           "--name=straight", f"--deepspeed.config=zero{stage}")
+            result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[stage] = losses(out / "straight")
+            assert sorted(done[stage]) == list(range(1, RESUME_STEPS + 1))
+        return done[stage]
+
+    return get
+
+
+class FileTimes:
+    """Per-file wall time at the end of every run (setup, call and teardown; a shared fixture counts in
+    the file that first needed it): where the suite's minutes go, on whatever machine it ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report) -> None:
+        path = report.nodeid.split("::", 1)[0]
+        self.seconds[path] = self.seconds.get(path, 0.0) + report.duration
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.seconds:
+            return
+        terminalreporter.section("seconds per test file")
+        for path, seconds in sorted(self.seconds.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{seconds:8.1f}  {path}")
+        terminalreporter.write_line(f"{sum(self.seconds.values()):8.1f}  total")
+
+
+def pytest_configure(config) -> None:
+    config.pluginmanager.register(FileTimes(), "file-times")

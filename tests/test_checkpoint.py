@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, TINY
+from .guards import HANG_GUARD_S
 from .spawn import run_distributed, run_until_a_rank_dies
 from .workers import train_and_collect, train_and_crash
 
@@ -67,7 +68,7 @@ def test_retention_keeps_last_n_and_every_kth(tmp_path, data_cache):
 
 def _train_cli(args: list[str], tmp_path: Path, env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(REPO / "configs" / "gpt2-tiny.yaml"),
-                           *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def _last_line_error(result, *needles) -> None:

@@ -15,6 +15,7 @@ from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.errors import ConfigError, UserInputError
 
 from .conftest import REPO
+from .guards import HANG_GUARD_S
 
 SHIPPED_RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -80,7 +81,7 @@ def test_there_are_shipped_configs_for_every_family_and_size():
 
 def _cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 BAD_INPUTS = [
@@ -93,12 +94,15 @@ BAD_INPUTS = [
     (["--data.paths=[/nope/corpus]"], "data.paths[0]"),
     (["--model.preset=gpt9-huge"], "model.preset"),
     (["--data.tokenizer=/nope/tok"], "data.tokenizer"),
+    (["--checkpoint.resume=/nope/step_00000010"], "checkpoint.resume"),
+    (["--model.vocab_size=10"], "model.vocab_size"),  # below the trained BPE's 256 bytes + end-of-text
 ]
 
 
 # validate checks every case; train and launch (which would start process groups) a spread of them.
 CASES = [("validate", *case) for case in BAD_INPUTS] + [
-    (command, *BAD_INPUTS[i]) for command in ("train", "launch") for i in (0, 3, 5, 6)]
+    (command, *BAD_INPUTS[i]) for command in ("train", "launch") for i in (0, 3, 5, 6)] + [
+    ("launch", *BAD_INPUTS[i]) for i in (9, 10)]  # exit 2 before torchrun, not 1 from inside the workers
 
 
 @pytest.mark.parametrize(("command", "overrides", "needle"), CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
@@ -110,6 +114,24 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, cli_env, comm
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_by_validate(tmp_path, cli_env):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, vocab_size=300, special_tokens=["<|endoftext|>"])
+    folder = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(str(folder))
+    tokens = bpe.get_vocab_size()
+    config = str(REPO / "configs" / "gpt2-tiny.yaml")
+    small = _cli(["validate", config, f"--data.tokenizer={folder}", f"--model.vocab_size={tokens - 1}"], tmp_path, cli_env)
+    assert small.returncode == 2 and small.stderr.count("\n") == 1, small.stderr
+    assert f"config field model.vocab_size: {tokens - 1} is smaller than the {tokens} tokens of data.tokenizer" in small.stderr
+    assert str(folder) in small.stderr
+    fits = _cli(["validate", config, f"--data.tokenizer={folder}", f"--model.vocab_size={tokens}"], tmp_path, cli_env)
+    assert fits.returncode == 0, fits.stderr
 
 
 def test_unwritable_nvme_offload_dir_is_rejected(tmp_path, cli_env):
@@ -142,7 +164,7 @@ def test_validate_prints_derived_figures_fast(tmp_path, cli_env):
     # heavy libraries stay unimported: validate must be instant
     probe = "import sys, launcher.cli as c; c.main(['validate', %r]); print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe % str(REPO / "configs" / "gpt2-tiny.yaml")],
-                         cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=60)
+                         cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.stdout.strip().endswith("[]"), out.stdout
 
 

@@ -21,6 +21,7 @@ from bigmodel_dist.data.sampler import ShuffledOrder
 from bigmodel_dist.errors import UserInputError
 
 from .conftest import REPO
+from .guards import HANG_GUARD_S
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -129,7 +130,7 @@ def test_resume_on_another_world_size_repeats_and_skips_nothing(before, after):
 
 def _prepare_cli(args: list[str], cwd: Path, env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", str(REPO / "configs" / "gpt2-tiny.yaml"),
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def _one_line_error(result, *needles) -> None:

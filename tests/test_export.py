@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from .conftest import REPO, TINY
+from .guards import HANG_GUARD_S
 from .spawn import run_distributed
 from .workers import train_and_collect
 
@@ -60,13 +61,13 @@ def trained(tmp_path_factory, data_cache):
 
 def _export(checkpoint: Path, out: Path, env, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher.cli", "export", str(checkpoint), str(out), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def _load_and_run(folder: Path, env) -> dict:
     dest = folder.parent / f"{folder.name}-logits.npz"
     result = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(folder), str(dest)], env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(np.load(dest))
 

@@ -10,11 +10,12 @@ import pytest
 import yaml
 
 from .conftest import REPO
+from .guards import HANG_GUARD_S
 
 pytestmark = pytest.mark.distributed
 
 
-def _run(argv: list[str], cwd, env, timeout=300) -> subprocess.CompletedProcess:
+def _run(argv: list[str], cwd, env, timeout=HANG_GUARD_S) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -13,6 +13,7 @@ import pytest
 from bigmodel_dist.metrics_file import read_metrics
 
 from .conftest import REPO, TINY
+from .guards import HANG_GUARD_S
 from .spawn import run_distributed, run_until_a_rank_dies
 from .workers import train_and_collect, train_and_crash
 
@@ -60,7 +61,7 @@ def test_kill_and_resume_continue_one_wandb_run_and_one_metrics_history(tmp_path
     assert all(json.dumps(v).encode() in runs[0].joinpath(f"run-{run_id}.wandb").read_bytes() for v in first_losses)
 
     plot = subprocess.run([sys.executable, "-m", "launcher.cli", "plot", str(run_dir)], cwd=REPO, env=cli_env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert plot.returncode == 0, plot.stderr
     png = run_dir / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
@@ -74,7 +75,7 @@ def test_unreachable_wandb_server_and_secrets(tmp_path, data_cache, cli_env):
     result = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "train", str(REPO / "configs" / "gpt2-tiny.yaml"),
          *_overrides(tmp_path, data_cache, 3, "--logging.wandb_mode=online", "--logging.wandb_init_timeout_s=5")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "W&B online start failed" in result.stderr
     run_dir = tmp_path / "run"
@@ -92,7 +93,7 @@ def test_broken_wandb_dir_and_corrupt_metrics_line_do_not_stop_training(tmp_path
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n{not json, a torn line\n')
     result = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "train", str(REPO / "configs" / "gpt2-tiny.yaml"),
-         *_overrides(tmp_path, data_cache, 2)], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
+         *_overrides(tmp_path, data_cache, 2)], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "W&B disabled for this run" in result.stderr
     history = read_metrics(run_dir / "metrics.jsonl")

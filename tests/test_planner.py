@@ -13,6 +13,7 @@ from bigmodel_dist.model_presets import count_parameters, model_shape
 from bigmodel_dist.planner import GIB, Variant, model_states, parse_bytes
 
 from .conftest import REPO
+from .guards import HANG_GUARD_S
 
 PSI = 1_000_000
 
@@ -79,7 +80,7 @@ def test_memory_strings():
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher.cli", "plan", "configs/gpt2-tiny.yaml", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_plan_cli_recommends_and_prints_json():

@@ -1,79 +1,107 @@
-"""Resume equals straight: a run stopped by a signal and restarted gives the same per-step losses.
+"""Stop and resume equals straight: a run stopped by a signal at any moment and restarted gives the same
+per-step losses as the uninterrupted run.
 
-Real DeepSpeed engines under `bigmodel launch local` (torchrun, 2 processes, gloo). The signal goes to
-the launcher, which forwards it through torchrun to every worker; they agree on a stop step, save one
-checkpoint, exit with the requeue code; a new process group resumes and finishes. Bit-exact on CPU.
+Real DeepSpeed engines under `bigmodel launch local` (torchrun, 2 processes, gloo). A stop signal to the
+launcher is remembered from its first second on and reaches the workers through a stop file; they agree
+on a stop step, save what is new, and the launcher exits with the requeue code (85); a new process group
+resumes and finishes. Bit-exact on CPU. The straight reference is shared (conftest.straight_losses).
 """
 
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import RESUME_RUN, RESUME_STEPS
+from .launching import Launch, launch_local_command, losses, wait_for_step
 
 pytestmark = pytest.mark.distributed
-STEPS = 10
+REQUEUE = 85  # checkpoint.requeue_exit_code
 
 
-def _launch(tmp_path: Path, data_cache: Path, env, name: str, stage: int, extra: list[str] = ()) -> subprocess.Popen:
-    from .conftest import TINY
-
-    command = [sys.executable, "-m", "launcher.cli", "launch", "local", str(REPO / "configs" / "gpt2-tiny.yaml"),
-               "--nproc-per-node=2", *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
-               f"--name={name}", f"--deepspeed.config=zero{stage}", f"--train.max_steps={STEPS}",
-               "--train.eval_every=0", "--checkpoint.every=0", *extra]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _launch(tmp_path, data_cache, env, stage: int) -> Launch:
+    return Launch(launch_local_command(*RESUME_RUN, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+                                       "--name=stopped", f"--deepspeed.config=zero{stage}"), env)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+def _checkpoints(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").exists() else []
 
 
-def _signal_when_step_logged(proc: subprocess.Popen, metrics: Path, step: int, signum: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines()):
-            proc.send_signal(signum)
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} never logged; output:\n{proc.communicate()[0][-3000:]}")
-
-
-# SIGUSR1 through `launch local` is also what the Slurm preemption test sends (tests/test_slurm.py).
-@pytest.mark.parametrize(("stage", "signum"), [(1, signal.SIGUSR1), (3, signal.SIGTERM)])
-def test_stop_and_resume_equals_straight_run(tmp_path, data_cache, cli_env, stage, signum):
-    straight = _launch(tmp_path, data_cache, cli_env, "straight", stage)
-    out, _ = straight.communicate(timeout=300)
-    assert straight.returncode == 0, out[-3000:]
-    expected = _losses(tmp_path / "straight")
-    assert sorted(expected) == list(range(1, STEPS + 1))
-
+def test_stop_mid_run_and_resume_equals_straight_run(tmp_path, data_cache, cli_env, straight_losses):
+    # SIGUSR1 through `launch local` is also what the Slurm preemption test sends (tests/test_slurm.py).
+    expected = straight_losses(1)
     run_dir = tmp_path / "stopped"
-    first = _launch(tmp_path, data_cache, cli_env, "stopped", stage)
-    _signal_when_step_logged(first, run_dir / "metrics.jsonl", 3, signum)
-    out, _ = first.communicate(timeout=300)
-    assert first.returncode == 85, out[-3000:]  # checkpoint.requeue_exit_code
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    first = _launch(tmp_path, data_cache, cli_env, stage=1)
+    wait_for_step(first, run_dir / "metrics.jsonl", 3)
+    first.signal(signal.SIGUSR1)
+    assert first.finish() == REQUEUE, first.output[-3000:]
+    assert "Traceback" not in first.output
+    checkpoints = _checkpoints(run_dir)
     assert len(checkpoints) == 1, checkpoints  # exactly one: the stop checkpoint (checkpoint.every=0)
     stop_step = int(checkpoints[0].split("_")[1])
-    assert 3 <= stop_step < STEPS
+    assert 3 <= stop_step < RESUME_STEPS
     meta = json.loads((run_dir / "checkpoints" / checkpoints[0] / "bigmodel_meta.json").read_text())
     assert meta["stop_reason"] == "signal" and meta["samples_seen"] == stop_step * 8
     assert {f"random_states_{r}.pkl" for r in range(2)} <= set(meta["files"])  # both ranks saved at that step
     assert json.loads((run_dir / "STOPPED").read_text())["step"] == stop_step
 
-    second = _launch(tmp_path, data_cache, cli_env, "stopped", stage)
-    out, _ = second.communicate(timeout=300)
-    assert second.returncode == 0, out[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / checkpoints[0]} at step {stop_step}" in out
-    resumed = _losses(run_dir)
-    assert sorted(resumed) == list(range(1, STEPS + 1))  # every step logged once: no repeats, no gaps
-    assert [resumed[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]
+    second = _launch(tmp_path, data_cache, cli_env, stage=1)
+    assert second.finish() == 0, second.output[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / checkpoints[0]} at step {stop_step}" in second.output
+    resumed = losses(run_dir)
+    assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))  # every step logged once: no repeats, no gaps
+    assert resumed == expected
+
+
+# Where each stop lands, found by what the run prints (never by a sleep), and what must follow.
+START_UP_POINTS = [
+    # (what is going on, the line that tells us, signal)
+    ("launcher checks: data, before torchrun", r"launcher\.local: config checked", signal.SIGTERM),
+    ("worker start-up: interpreter, imports", r"launching 2 process", signal.SIGUSR1),
+    ("engine build: data, model, DeepSpeed", r"process group ready", signal.SIGTERM),
+]
+
+
+def test_stops_from_the_first_second_to_shutdown_each_requeue_and_resume_equals_straight_run(
+        tmp_path, data_cache, cli_env, straight_losses):
+    """One run stopped at every point in turn; each stop exits 85 without a traceback, saves only what is
+    new, and the run that finally completes logged the straight run's losses, each step once."""
+    expected = straight_losses(2)
+    run_dir = tmp_path / "stopped"
+    for what, line, signum in START_UP_POINTS:
+        launch = _launch(tmp_path, data_cache, cli_env, stage=2)
+        launch.wait_for_line(line)
+        launch.signal(signum)
+        assert launch.finish() == REQUEUE, f"{what}:\n{launch.output[-3000:]}"
+        assert "Traceback" not in launch.output, what
+        assert _checkpoints(run_dir) == [], what  # nothing trained yet: nothing to save
+    assert not (run_dir / "metrics.jsonl").exists() or "loss" not in (run_dir / "metrics.jsonl").read_text()
+
+    # During a save: a second signal while the stop checkpoint is being written changes nothing.
+    launch = _launch(tmp_path, data_cache, cli_env, stage=2)
+    wait_for_step(launch, run_dir / "metrics.jsonl", 3)
+    launch.signal(signal.SIGUSR1)
+    launch.wait_for_line(r"stopping for signal")
+    launch.signal(signal.SIGTERM)
+    assert launch.finish() == REQUEUE, launch.output[-3000:]
+    assert "Traceback" not in launch.output
+    (stop_checkpoint,) = _checkpoints(run_dir)
+    stop_step = int(stop_checkpoint.split("_")[1])
+
+    # At shutdown: the run completed and saved its last step, then was asked to stop: requeue, and the
+    # requeued run finds nothing left to do.
+    launch = _launch(tmp_path, data_cache, cli_env, stage=2)
+    launch.wait_for_line(r"done: checkpoints in")
+    launch.signal(signal.SIGTERM)
+    assert launch.finish() == REQUEUE, launch.output[-3000:]
+    assert f"at step {stop_step}" in launch.output
+    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == RESUME_STEPS
+    last = _launch(tmp_path, data_cache, cli_env, stage=2)
+    assert last.finish() == 0, last.output[-3000:]
+    assert _checkpoints(run_dir)[-1] == f"step_{RESUME_STEPS:08d}"
+    resumed = losses(run_dir)
+    assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
+    assert resumed == expected

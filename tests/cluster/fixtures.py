@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ..guards import HANG_GUARD_S
+
 HERE = Path(__file__).resolve().parent
 DAEMONS = {"munged": "munged", "slurmctld": "slurmctld", "slurmd-n1": "slurmd", "slurmd-n2": "slurmd"}
 
@@ -47,13 +49,13 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             yield SlurmCluster(conf=conf, base=base)
     finally:
         if started_here:
-            subprocess.run([HERE / "stop_slurm.sh"], capture_output=True, timeout=120, check=False)
+            subprocess.run([HERE / "stop_slurm.sh"], capture_output=True, timeout=HANG_GUARD_S, check=False)
 
 
 def _start(base: Path) -> str:
     """Run start_slurm.sh and return the SLURM_CONF it prints."""
     try:
-        start = subprocess.run([HERE / "start_slurm.sh"], capture_output=True, text=True, timeout=300)
+        start = subprocess.run([HERE / "start_slurm.sh"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"start_slurm.sh did not finish within 300 s; logs in {base}/log")
     match = re.fullmatch(r"export SLURM_CONF=(\S+)\n", start.stdout)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from launcher.local import child_pids
 
+from ..guards import HANG_GUARD_S
+
 NAMESPACE = "bigmodel-ray"
 TEMP_DIR = Path("/tmp/bmray")  # short: Ray's unix socket paths must stay under 108 bytes
 STATE_FILE = TEMP_DIR / "cluster.json"
@@ -40,7 +42,7 @@ class RayCluster:
     head_pid: int
     address: str = ADDRESS
 
-    def run(self, command: list[str], env: dict[str, str] | None = None, timeout: float = 600,
+    def run(self, command: list[str], env: dict[str, str] | None = None, timeout: float = HANG_GUARD_S,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
         """Run a command inside the cluster's network namespace (where 127.0.0.1 is the head)."""
         return subprocess.run([*netns_prefix(), *command], env=env, cwd=cwd, capture_output=True, text=True,
@@ -73,7 +75,7 @@ def listening_sockets() -> list[str]:
     return [line.split()[3] for line in out.splitlines() if line.strip()]
 
 
-def start(timeout_s: float = 120.0) -> RayCluster:
+def start(timeout_s: float = HANG_GUARD_S) -> RayCluster:
     if os.geteuid() != 0:
         raise RuntimeError("the local Ray cluster needs root (it creates a network namespace)")
     stop()  # a cluster left by a killed session

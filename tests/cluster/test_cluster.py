@@ -7,15 +7,17 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..guards import HANG_GUARD_S
+
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
 
 def _sbatch(*args: str) -> subprocess.CompletedProcess:
     command = ["sbatch", "--parsable", "--time=2", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+    return subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
-def _wait(job_id: str, timeout: float = 40) -> str:
+def _wait(job_id: str, timeout: float = HANG_GUARD_S) -> str:
     """Poll `scontrol show job` (there is no sacct) until the job has finished; return its state."""
     deadline = time.monotonic() + timeout
     while True:
