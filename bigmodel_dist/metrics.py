@@ -34,10 +34,10 @@ def device_peak_tflops(logging_cfg: LoggingConfig, device_name: str) -> float | 
 class MetricsLogger:
     """Writes one JSON line per log call (flushed), shows progress, mirrors to W&B when it works.
 
-    W&B starts in a background thread (seconds, up to `wandb_init_timeout_s` for an unreachable server),
-    so neither this rank nor the ranks waiting for it in the first collective wait for W&B; values logged
-    meanwhile are queued and sent once it is up. W&B failures never stop training: online falls back to
-    offline, offline to disabled, with a warning.
+    W&B starts in a background thread (seconds; up to `wandb_init_timeout_s` for an unreachable server)
+    while the process group, data and engine are set up; the first `log` waits for it, so nothing logged
+    is held back from W&B where a killed process would lose it. W&B failures never stop training:
+    online falls back to offline, offline to disabled, with a warning.
     """
 
     def __init__(self, run_dir: Path, logging_cfg: LoggingConfig, config: dict, is_main: bool, max_steps: int):
@@ -46,7 +46,6 @@ class MetricsLogger:
         self._file = None
         self._wandb_run = None
         self._wandb_starter: threading.Thread | None = None
-        self._wandb_queue: list[tuple[int, dict[str, Any]]] = []
         self._progress = None
         self._wandb_skip_through = 0
         if not is_main:
@@ -83,9 +82,13 @@ class MetricsLogger:
             return
         plain = {k: _plain(v) for k, v in metrics.items()}
         self._write({"step": step, "time": time.time(), **plain})
-        if step > self._wandb_skip_through:
-            self._wandb_queue.append((step, {k: v for k, v in plain.items() if isinstance(v, (int, float))}))
-            self._send_to_wandb()
+        self._wait_for_wandb()
+        if self._wandb_run is not None and step > self._wandb_skip_through:
+            try:
+                self._wandb_run.log({k: v for k, v in plain.items() if isinstance(v, (int, float))}, step=step)
+            except Exception as exc:  # a broken W&B must never stop training
+                log.warning("W&B logging failed (%s: %s); continuing without W&B", type(exc).__name__, exc)
+                self._wandb_run = None
         line = " ".join(f"{k}={_short(v)}" for k, v in plain.items() if not isinstance(v, list))
         if self._progress is not None:
             self._progress.n = step
@@ -97,38 +100,21 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a killed process loses nothing it logged
 
-    def _wandb_started(self, wait: bool = False) -> bool:
-        """Whether W&B's start is over (succeeded or not); `wait` blocks until it is."""
+    def _wait_for_wandb(self) -> None:
+        """Until W&B's start is over (succeeded or not)."""
         if self._wandb_starter is not None:
-            if wait:
-                self._wandb_starter.join()
-            if self._wandb_starter.is_alive():
-                return False
+            self._wandb_starter.join()
             self._wandb_starter = None
-        return True
-
-    def _send_to_wandb(self, wait: bool = False) -> None:
-        if not self._wandb_started(wait):
-            return  # still starting: the queue waits
-        queued, self._wandb_queue = self._wandb_queue, []
-        for step, payload in queued if self._wandb_run is not None else ():
-            try:
-                self._wandb_run.log(payload, step=step)
-            except Exception as exc:  # a broken W&B must never stop training
-                log.warning("W&B logging failed (%s: %s); continuing without W&B", type(exc).__name__, exc)
-                self._wandb_run = None
-                return
 
     @property
     def wandb_dir(self) -> str | None:
-        self._send_to_wandb(wait=True)
+        self._wait_for_wandb()
         return self._wandb_run.dir if self._wandb_run is not None else None
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.close()
-        if self.is_main:
-            self._send_to_wandb(wait=True)
+        self._wait_for_wandb()
         if self._wandb_run is not None:
             try:
                 self._wandb_run.finish()

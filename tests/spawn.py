@@ -1,12 +1,13 @@
 """A small spawn harness for multi-process tests: real gloo process groups, loopback rendezvous, timeout.
 
-`run_distributed(fn, world_size, *args)` starts `world_size` fresh interpreters (spawn), each with the
-torchrun environment variables set, runs `fn(*args)` in each and returns the per-rank results in rank
-order. A rank that raises, or a run past `timeout_s`, fails the call with that rank's traceback.
+`run_distributed(fn, world_size, *args)` starts `world_size` fresh processes (forked from a server that
+pre-imported the heavy libraries once), each with the torchrun environment variables set, runs
+`fn(*args)` in each and returns the per-rank results in rank order. A rank that raises, or a run past `timeout_s`, fails the call with that rank's traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import pickle
@@ -18,12 +19,38 @@ from typing import Any
 
 from launcher.ports import free_port
 
+from .guards import HANG_GUARD_S
 
-def _worker(fn: Callable, args: tuple, rank: int, world_size: int, port: int, out_dir: str) -> None:
+# Imported once by the fork server and inherited by every rank it forks: a fresh interpreter spends
+# ~8 s of a 2-core machine importing these, per rank and per run (they start no threads on import).
+PRELOAD = ["torch", "deepspeed", "accelerate", "transformers.models.gpt2.modeling_gpt2",
+           "transformers.models.llama.modeling_llama", "deepspeed.runtime.zero.muon.muon_optimizer",
+           "bigmodel_dist.trainer", "tests.workers"]
+
+
+@functools.cache
+def _rank_context(fresh_interpreters: bool) -> mp.context.BaseContext:
+    """Ranks forked from a server that imported PRELOAD once (fresh processes, shared start-up), or
+    fresh interpreters (spawn) where a test needs a process exactly as torchrun starts one: W&B's
+    offline writer lost the values a SIGKILLed forked rank had logged, which a spawned one keeps."""
+    if fresh_interpreters:
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _worker(fn: Callable, args: tuple, rank: int, world_size: int, port: int, out_dir: str,
+            env: dict[str, str]) -> None:
+    import torch
+
+    os.environ.clear()  # the caller's environment now, not the fork server's from its start
+    os.environ.update(env)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
+    torch.set_num_threads(1)  # torch was imported before OMP_NUM_THREADS was set
     out = Path(out_dir)
     try:
         result = fn(*args)
@@ -33,22 +60,25 @@ def _worker(fn: Callable, args: tuple, rank: int, world_size: int, port: int, ou
         raise
 
 
-def _start_ranks(fn: Callable, world_size: int, args: tuple, out_dir: str) -> list:
-    ctx = mp.get_context("spawn")
+def _start_ranks(fn: Callable, world_size: int, args: tuple, out_dir: str, fresh_interpreters: bool) -> list:
+    ctx = _rank_context(fresh_interpreters)
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, args, r, world_size, port, out_dir)) for r in range(world_size)]
+    env = dict(os.environ)
+    procs = [ctx.Process(target=_worker, args=(fn, args, r, world_size, port, out_dir, env))
+             for r in range(world_size)]
     for proc in procs:
         proc.start()
     return procs
 
 
-def run_until_a_rank_dies(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = 300) -> list[int | None]:
+def run_until_a_rank_dies(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = HANG_GUARD_S,
+                          fresh_interpreters: bool = False) -> list[int | None]:
     """Run like `run_distributed`, for tests that kill a rank: once any rank exits abnormally, the
     others (stuck in a collective) are killed too. Returns every rank's exit code."""
     import time
 
     with tempfile.TemporaryDirectory(prefix="spawn-") as out_dir:
-        procs = _start_ranks(fn, world_size, args, out_dir)
+        procs = _start_ranks(fn, world_size, args, out_dir, fresh_interpreters)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(p.is_alive() for p in procs):
             if any(p.exitcode not in (None, 0) for p in procs):
@@ -63,9 +93,10 @@ def run_until_a_rank_dies(fn: Callable, world_size: int = 2, *args: Any, timeout
         return codes
 
 
-def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = 300) -> list[Any]:
+def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = HANG_GUARD_S,
+                    fresh_interpreters: bool = False) -> list[Any]:
     with tempfile.TemporaryDirectory(prefix="spawn-") as out_dir:
-        procs = _start_ranks(fn, world_size, args, out_dir)
+        procs = _start_ranks(fn, world_size, args, out_dir, fresh_interpreters)
         deadline_hit = False
         for proc in procs:
             proc.join(timeout=timeout_s)

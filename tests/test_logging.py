@@ -31,7 +31,8 @@ def _wandb_runs(run_dir: Path) -> list[Path]:
 
 def test_kill_and_resume_continue_one_wandb_run_and_one_metrics_history(tmp_path, data_cache, cli_env):
     run_dir = tmp_path / "run"
-    codes = run_until_a_rank_dies(train_and_crash, 2, _overrides(tmp_path, data_cache, 8), "before_checksums", 1, 6)
+    codes = run_until_a_rank_dies(train_and_crash, 2, _overrides(tmp_path, data_cache, 8), "before_checksums", 1, 6,
+                                  fresh_interpreters=True)  # W&B's writer as in a torchrun worker
     assert codes[1] == -9
     first_runs = _wandb_runs(run_dir)
     assert len(first_runs) == 1  # only rank 0 created a W&B run
