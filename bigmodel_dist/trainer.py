@@ -39,7 +39,7 @@ from bigmodel_dist.runtime import (
     set_learning_rate,
     unshare_optimizer_steps,
 )
-from bigmodel_dist.startup import StartupClock
+from bigmodel_dist.startup import StartupClock, slowest_rank_note
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class Trainer:
         clock of this process, reported with the first step."""
         self._owns_signals = stop_signals is None
         self.clock = clock or StartupClock()
+        self.clock.dump_stacks_after(resolved.config.logging.startup_stacks_after_s)
         self.signals = stop_signals or StopSignals(resolved.config.checkpoint.stop_signals, facts.stop_file)
         self.resolved = resolved
         self.reporter = reporter
@@ -167,9 +168,16 @@ class Trainer:
         return self.state
 
     def _report_startup(self) -> None:
+        """Collective (once): every rank's start-up phases to rank 0, which logs them."""
         self.clock.mark("first step")
+        self.clock.done()
+        all_phases: list[dict[str, float]] = [{} for _ in range(self.facts.world_size)]
+        torch.distributed.all_gather_object(all_phases, self.clock.phases)
         if self.facts.is_main:
             log.info(self.clock.summary())
+            note = slowest_rank_note(all_phases)
+            if note:
+                log.info(note)
         self._log(self.clock.as_metrics())
 
     def _train_step(self) -> torch.Tensor:
@@ -328,6 +336,7 @@ class Trainer:
         )
 
     def _finish(self) -> None:
+        self.clock.done()  # also when stopped before a first step
         self.checkpoints.wait()  # the last checkpoint is committed before anyone calls the run done
         self.runtime.accelerator.wait_for_everyone()
         if self.facts.is_main:
@@ -343,6 +352,7 @@ class Trainer:
                      f", W&B files in {self.metrics.wandb_dir}" if self.metrics.wandb_dir else "")
 
     def close(self) -> None:
+        self.clock.done()
         self.checkpoints.wait()
         if self._owns_signals:
             self.signals.close()

@@ -144,6 +144,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     overrides = [*overrides, *resume_override(args)]
     cfg = load_config(args.config, overrides)
     signals.watch(cfg.checkpoint.stop_signals)
+    clock.dump_stacks_after(cfg.logging.startup_stacks_after_s)  # a stuck import shows where it waits
     resolved = resolve_run(cfg, facts.world_size)
     from bigmodel_dist.trainer import Trainer
 

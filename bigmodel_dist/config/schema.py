@@ -226,6 +226,9 @@ class LoggingConfig:
     """Seconds W&B may take to start online before we fall back to offline (then to disabled)."""
     peak_tflops_per_device: float | None = None
     """Device peak for MFU; None looks the device up in a table (GPUs) and reports no MFU if unknown."""
+    startup_stacks_after_s: float = 180.0
+    """A rank still short of its first step after this many seconds prints every thread's Python stack
+    to its stderr, and again each as many seconds after: where a stuck start-up waits. 0 disables."""
 
     def check(self) -> None:
         if self.wandb_mode not in WANDB_MODES:
@@ -233,6 +236,8 @@ class LoggingConfig:
         if self.peak_tflops_per_device is not None:
             _require_positive("logging", peak_tflops_per_device=self.peak_tflops_per_device)
         _require_positive("logging", wandb_init_timeout_s=self.wandb_init_timeout_s)
+        if self.startup_stacks_after_s < 0:
+            raise ConfigError("logging.startup_stacks_after_s", f"must be >= 0, got {self.startup_stacks_after_s}")
 
 
 @dataclass

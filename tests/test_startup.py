@@ -1,4 +1,4 @@
-"""Stop requests are remembered from the first line on, in-process (no process group needed).
+"""A process from its first line: stop requests remembered, start-up timed, only the needed ops built.
 
 The end-to-end cases (a stop at each point of start-up, a save and shutdown, then a resume equal to the
 straight run) are in tests/test_resume.py.
@@ -68,3 +68,14 @@ def test_warmup_builds_only_the_ops_a_run_loads():
     assert ops_to_build(has_cuda=False, offload=False) == ["ShareMemCommBuilder"]  # CPU: torch's AdamW
     assert ops_to_build(has_cuda=True, offload=False) == ["FusedAdamBuilder"]
     assert ops_to_build(has_cuda=False, offload=True) == ["ShareMemCommBuilder", "CPUAdamBuilder"]
+
+
+def test_the_rank_that_held_start_up_up_is_named():
+    from bigmodel_dist.startup import slowest_rank_note
+
+    rank0 = {"imports + config": 3.0, "process group": 55.0, "model + engine": 6.0}
+    rank1 = {"imports + config": 57.0, "process group": 1.0, "model + engine": 6.1}
+    note = slowest_rank_note([rank0, rank1])
+    assert note and note.startswith("slowest start-up: rank 1 spent 57.0s in imports + config (rank 0: 3.0s)")
+    even = {"imports + config": 3.4, "process group": 1.5, "model + engine": 6.0}
+    assert slowest_rank_note([rank0 | {"process group": 1.4}, even]) is None  # noise is not news
