@@ -2,6 +2,7 @@
 # The CPU build of torch is pinned here for dev/CI only; on a GPU machine: make train TORCH_SPEC=torch
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
+DEEPSPEED_SPEC := deepspeed>=0.16,<0.20
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -12,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	@# CPU machines: DeepSpeed with its shared-memory all-reduce op compiled at install, so no process
+	@# JIT-loads it (each load ran ninja under a lock, and some rebuilt it: ~55 s of a start-up).
+	if $(BIN)/python -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
+		DS_BUILD_SHM_COMM=1 $(BIN)/pip install --quiet --no-build-isolation "$(DEEPSPEED_SPEC)"; fi
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/python -m launcher.warmup
 	touch $(STAMP)

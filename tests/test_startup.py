@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 from bigmodel_dist.preemption import DEFAULT_STOP_SIGNALS, StopSignals
 from launcher.warmup import ops_to_build
@@ -47,7 +48,8 @@ def test_a_signal_sent_while_blocked_waits_for_the_handler():
     gets the signal once the handler is installed (it unblocks)."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
-        os.kill(os.getpid(), signal.SIGUSR1)  # pending, not delivered
+        # To this thread: a process-wide kill could be taken by another of pytest's threads, unblocked
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # pending, not delivered
         signals = StopSignals(("SIGUSR1",))
         assert signals.received == "SIGUSR1"
         assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
