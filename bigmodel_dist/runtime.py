@@ -6,7 +6,6 @@ Accelerate alone would pick none and miscount the world size).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -47,23 +46,9 @@ def create_accelerator(ds_config: dict[str, Any], precision: str, timeout_s: int
     return accelerator
 
 
-# DeepSpeed imports its Muon optimizer while checking any ZeRO optimizer; the module torch.compile-decorates
-# functions at import, which imports torch's inductor: ~3-4 s of every process's start-up on a 2-core CPU.
-# Our optimizer is always Adam/AdamW (config/deepspeed.py refuses others), so Muon is never needed.
-UNUSED_DEEPSPEED_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer",)
-
-
-def skip_unused_deepspeed_imports() -> None:
-    """Make DeepSpeed's optional imports of modules we never use fail at once (it catches ImportError)."""
-    for name in UNUSED_DEEPSPEED_MODULES:
-        sys.modules.setdefault(name, None)
-
-
 def prepare(accelerator, model: torch.nn.Module, param_groups: list[dict], lr: float) -> Runtime:
     """Wrap the model in a DeepSpeed engine; the optimizer comes from the DeepSpeed JSON's block."""
     from accelerate.utils import DummyOptim
-
-    skip_unused_deepspeed_imports()
 
     engine, optimizer = accelerator.prepare(model, DummyOptim(param_groups, lr=lr))
     return Runtime(accelerator=accelerator, engine=engine, optimizer=optimizer)
