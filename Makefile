@@ -11,7 +11,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	@# CPU machines: DeepSpeed with its shared-memory all-reduce op compiled at install, so no process
 	@# JIT-loads it (each load ran ninja under a lock, and some rebuilt it: ~55 s of a start-up).
