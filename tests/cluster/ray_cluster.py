@@ -108,14 +108,19 @@ def start(timeout_s: float = HANG_GUARD_S) -> RayCluster:
     return RayCluster(head.pid)
 
 
+# `ray start --block` ends its daemons on TERM; what is still alive after this grace gets KILL. Not a
+# wait for an event: either way the cluster ends stopped, on a slow machine by KILL.
+TERM_GRACE_S = 5.0
+
+
 def stop() -> None:
     """Terminate the head we started and every process it left, by PID; remove the namespace."""
     if STATE_FILE.is_file():
         head_pid = json.loads(STATE_FILE.read_text())["head_pid"]
         tree = [head_pid, *_descendants(head_pid)]
         _signal_all(tree, signal.SIGTERM)
-        deadline = time.monotonic() + 5  # `ray start --block` ends its daemons on TERM; stragglers get KILL
-        while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+        grace_ends = time.monotonic() + TERM_GRACE_S
+        while time.monotonic() < grace_ends and any(_alive(pid) for pid in tree):
             _reap(head_pid)
             time.sleep(0.5)
         _signal_all([*tree, *_descendants(head_pid)], signal.SIGKILL)
