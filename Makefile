@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	@# JIT-loads it (each load ran ninja under a lock, and some rebuilt it: ~55 s of a start-up).
 	if $(BIN)/python -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
 		$(BIN)/pip install --quiet ninja && \
-		DS_BUILD_SHM_COMM=1 MAX_JOBS=2 $(BIN)/pip install --quiet --no-build-isolation "$(DEEPSPEED_SPEC)"; fi
+		DS_BUILD_SHM_COMM=1 MAX_JOBS=2 $(BIN)/pip install --quiet --no-build-isolation --no-cache-dir \
+			"$(DEEPSPEED_SPEC)"; fi  # no cache: a cached wheel built without the op would be reused
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/python -m launcher.warmup
 	touch $(STAMP)
