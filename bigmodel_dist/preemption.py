@@ -16,9 +16,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from bigmodel_dist.config.schema import CheckpointConfig
+
 log = logging.getLogger(__name__)
 
-DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # Slurm's preemption and --signal warnings
+# Watched from a process's first line, before its config is read: the config's own default.
+DEFAULT_STOP_SIGNALS = tuple(CheckpointConfig().stop_signals)
 NO_STOP, SIGNALLED, TIME_LIMIT = 0, 1, 2
 REASONS = {SIGNALLED: "signal", TIME_LIMIT: "time limit"}
 
