@@ -106,7 +106,7 @@ def _run_clm(texts, tokenizer_dir: Path, seq_len: int, num_proc: int) -> tuple[f
 def _loader_supply(cache: Path, seconds: float = 3.0) -> float:
     """Samples/s one rank's BatchLoader delivers for the tiny model's layout (global 16, micro 4, 2 ranks)."""
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.deepspeed import BatchLayout
+    from bigmodel_dist.config.layout import BatchLayout
     from bigmodel_dist.data.dataset import PackedDataset
     from bigmodel_dist.data.loader import BatchLoader
     from bigmodel_dist.data.prepare import prepare_data

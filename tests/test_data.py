@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bigmodel_dist.config import load_config
-from bigmodel_dist.config.deepspeed import BatchLayout
+from bigmodel_dist.config.layout import BatchLayout
 from bigmodel_dist.data.dataset import PackedDataset
 from bigmodel_dist.data.loader import BatchLoader, micro_batch
 from bigmodel_dist.data.prepare import prepare_data

@@ -7,11 +7,8 @@ import json
 import pytest
 
 from bigmodel_dist.config import load_config
-from bigmodel_dist.config.deepspeed import (
-    SHIPPED_DEEPSPEED_DIR,
-    derive_batch_layout,
-    resolve_deepspeed_config,
-)
+from bigmodel_dist.config.deepspeed import SHIPPED_DEEPSPEED_DIR, resolve_deepspeed_config
+from bigmodel_dist.config.layout import derive_batch_layout
 from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.errors import ConfigError, UserInputError
 from bigmodel_dist.precision import DeviceInfo

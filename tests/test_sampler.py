@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bigmodel_dist.config.deepspeed import BatchLayout
+from bigmodel_dist.config.layout import BatchLayout
 from bigmodel_dist.data.sampler import ShuffledOrder, micro_batch_indices
 
 

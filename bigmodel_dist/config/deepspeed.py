@@ -1,10 +1,9 @@
-"""The batch identity and the DeepSpeed JSON: find it, load it, fill what the training config decides.
+"""The DeepSpeed JSON: find it, load it, fill what the training config decides.
 
-`derive_batch_layout` is the one place where global = micro x grad_accum x data-parallel size is
-computed and checked. `resolve_deepspeed_config` fills every field the training config owns (batch,
-clipping, precision, optimizer, hidden-size buckets) into a user's JSON: "auto" or absent values are
-filled, equal values pass, and a different concrete value is an error naming both, so the JSON and the
-YAML can never silently disagree.
+`resolve_deepspeed_config` fills every field the training config owns (batch sizes from the
+`BatchLayout`, clipping, precision, optimizer, hidden-size buckets) into a user's JSON: "auto" or absent
+values are filled, equal values pass, and a different concrete value is an error naming both, so the
+JSON and the YAML can never silently disagree.
 """
 
 from __future__ import annotations
@@ -12,46 +11,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bigmodel_dist.config.schema import Config, TrainConfig
+from bigmodel_dist.config.layout import BatchLayout
+from bigmodel_dist.config.schema import Config
 from bigmodel_dist.errors import ConfigError, UserInputError
 
 SHIPPED_DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How one optimizer step's sequences are split over ranks and micro-steps."""
-
-    global_batch_size: int
-    micro_batch_size: int
-    grad_accum_steps: int
-    data_parallel_size: int
-
-    def tokens_per_step(self, seq_len: int) -> int:
-        return self.global_batch_size * seq_len
-
-
-def derive_batch_layout(train: TrainConfig, data_parallel_size: int) -> BatchLayout:
-    """global = micro x grad_accum x data-parallel size, derived and checked here only."""
-    per_micro_step = train.micro_batch_size * data_parallel_size
-    if train.global_batch_size % per_micro_step:
-        raise ConfigError(
-            "train.global_batch_size",
-            f"{train.global_batch_size} is not divisible by micro_batch_size {train.micro_batch_size} x "
-            f"data-parallel size {data_parallel_size} = {per_micro_step}; use a multiple of {per_micro_step}",
-        )
-    grad_accum = train.global_batch_size // per_micro_step
-    if train.grad_accum_steps is not None and train.grad_accum_steps != grad_accum:
-        raise ConfigError(
-            "train.grad_accum_steps",
-            f"{train.grad_accum_steps} breaks global {train.global_batch_size} = micro {train.micro_batch_size} "
-            f"x grad_accum x world {data_parallel_size} (needs {grad_accum}); drop it to derive it",
-        )
-    return BatchLayout(train.global_batch_size, train.micro_batch_size, grad_accum, data_parallel_size)
 
 
 def locate_deepspeed_json(name_or_path: str) -> Path:

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel_dist.config.deepspeed import (
-    BatchLayout,
     check_offload_paths,
-    derive_batch_layout,
     locate_deepspeed_json,
     resolve_deepspeed_config,
 )
+from bigmodel_dist.config.layout import BatchLayout, derive_batch_layout
 from bigmodel_dist.config.schema import Config
 from bigmodel_dist.errors import ConfigError
 from bigmodel_dist.model_presets import ModelShape, count_parameters, model_shape

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from bigmodel_dist.config.deepspeed import BatchLayout
+from bigmodel_dist.config.layout import BatchLayout
 from bigmodel_dist.data.sampler import ShuffledOrder, micro_batch_indices
 
 

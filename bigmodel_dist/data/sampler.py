@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bigmodel_dist.config.deepspeed import BatchLayout
+from bigmodel_dist.config.layout import BatchLayout
 
 
 class ShuffledOrder:
