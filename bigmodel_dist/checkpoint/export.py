@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bigmodel_dist.checkpoint.integrity import META_NAME, check_files, read_meta
+from bigmodel_dist.checkpoint.integrity import META_NAME, check_files, read_checkpoint_meta
 from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.fileio import fsync_path
 
@@ -70,7 +70,7 @@ def _checked_meta(checkpoint: Path) -> dict[str, Any]:
         found = f"no {META_NAME}" if checkpoint.is_dir() else "no such folder"
         raise UserInputError(f"{checkpoint} is not a bigmodel checkpoint ({found}); pass a step folder "
                              "such as runs/NAME/checkpoints/step_00000100")
-    meta, problem = read_meta(checkpoint)
+    meta, problem = read_checkpoint_meta(checkpoint)
     if problem is not None:
         raise UserInputError(f"checkpoint {checkpoint}: {problem}")
     # Sizes, not checksums: they catch missing and truncated files without reading every byte twice.

@@ -13,7 +13,7 @@ from typing import Any
 
 from bigmodel_dist.fileio import file_checksum, fsync_path
 
-FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 1
 META_NAME = "bigmodel_meta.json"
 STEP_PREFIX = "step_"
 PARTIAL_PREFIX = ".partial-"
@@ -56,7 +56,7 @@ def check_files(ckpt_dir: Path, expected: dict[str, dict[str, Any]], relative: l
     return None
 
 
-def read_meta(ckpt_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+def read_checkpoint_meta(ckpt_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(metadata, None) or (None, why it is unusable)."""
     path = ckpt_dir / META_NAME
     if not path.is_file():
@@ -67,8 +67,8 @@ def read_meta(ckpt_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{META_NAME} is not valid JSON"
     if not isinstance(meta, dict) or "files" not in meta or "step" not in meta:
         return None, f"{META_NAME} lacks its files/step entries"
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        return None, f"format {meta['format_version']} is newer than this bigmodel-dist reads ({FORMAT_VERSION}); upgrade"
+    if meta.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
+        return None, f"format {meta['format_version']} is newer than this bigmodel-dist reads ({CHECKPOINT_FORMAT_VERSION}); upgrade"
     return meta, None
 
 

@@ -19,13 +19,13 @@ import torch.distributed as dist
 
 from bigmodel_dist.checkpoint.async_writer import BackgroundWriter, wait_for_reports
 from bigmodel_dist.checkpoint.integrity import (
-    FORMAT_VERSION,
+    CHECKPOINT_FORMAT_VERSION,
     META_NAME,
     PARTIAL_PREFIX,
     check_files,
     describe_files,
     list_files,
-    read_meta,
+    read_checkpoint_meta,
     step_dir_name,
     step_dirs,
 )
@@ -82,7 +82,7 @@ class CheckpointManager:
         if self.facts.is_main and write_extra is not None:
             write_extra(partial)
         accelerator.wait_for_everyone()
-        header = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(), **meta}
+        header = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "saved_at": time.time(), **meta}
         if self.cfg.async_save:
             self._finish_in_background(engine, partial, final, header)
             return final
@@ -162,7 +162,7 @@ class CheckpointManager:
         """Rank 0 reads the metadata; every rank checks its share of the files; any problem rejects it."""
         found = None
         if self.facts.is_main:
-            meta, problem = (None, "is not a directory") if not candidate.is_dir() else read_meta(candidate)
+            meta, problem = (None, "is not a directory") if not candidate.is_dir() else read_checkpoint_meta(candidate)
             found = (meta, problem)
         meta, problem = _broadcast(found)
         if problem is not None:
@@ -190,7 +190,7 @@ def check_resumable(resume: ResumePoint, resolved) -> None:
 def newest_committed(run_dir: Path) -> ResumePoint | None:
     """The newest step directory with readable metadata (no checksums: a quick look, e.g. pre-flight)."""
     for path in step_dirs(run_dir / "checkpoints"):
-        meta, problem = read_meta(path)
+        meta, problem = read_checkpoint_meta(path)
         if problem is None:
             return ResumePoint(path, meta)
     return None

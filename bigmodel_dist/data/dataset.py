@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigmodel_dist.data.prepare import read_meta
+from bigmodel_dist.data.prepare import read_prepared_meta
 from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.fileio import file_checksum
 
@@ -16,7 +16,7 @@ class PackedDataset:
 
     def __init__(self, prepared: Path, verify: str = "checksum"):
         self.path = Path(prepared)
-        self.meta = read_meta(self.path)
+        self.meta = read_prepared_meta(self.path)
         self.seq_len = self.meta["seq_len"]
         dtype = np.dtype(self.meta["dtype"])
         train_parts, val_parts = [], []

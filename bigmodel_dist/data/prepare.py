@@ -37,7 +37,7 @@ from bigmodel_dist.fileio import file_checksum, write_bytes_atomically, write_js
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+PREPARED_FORMAT_VERSION = 1
 DOCS_PER_BATCH = 512
 
 
@@ -54,7 +54,7 @@ def prepare_data(data_cfg: DataConfig, model_vocab_size: int, cache_dir: Path, p
     tokenizer = _obtain_tokenizer(data_cfg, dataset, model_vocab_size, cache_dir, source_fp)
     dtype = _token_dtype(data_cfg, len(tokenizer))
     identity = {
-        "format_version": FORMAT_VERSION,
+        "format_version": PREPARED_FORMAT_VERSION,
         "source_fingerprint": source_fp,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "seq_len": data_cfg.seq_len,
@@ -100,7 +100,7 @@ def _reuse_prepared(prepared: Path, data_cfg: DataConfig, model_vocab_size: int)
         p == "python-stdlib" or Path(p).exists() for p in data_cfg.paths)
     if sources_here:  # data prepared on another machine may not have its sources here
         wanted["source_fingerprint"] = source_fingerprint(input_files(data_cfg), data_cfg)
-    meta = read_meta(prepared)
+    meta = read_prepared_meta(prepared)
     check_compatible(meta, wanted, prepared)
     if meta["tokenizer_vocab_size"] > model_vocab_size:
         raise UserInputError(f"prepared data {prepared / 'meta.json'}: its tokenizer has {meta['tokenizer_vocab_size']} "
@@ -120,15 +120,15 @@ class _Lazy:
         return self._value
 
 
-def read_meta(prepared: Path) -> dict[str, Any]:
+def read_prepared_meta(prepared: Path) -> dict[str, Any]:
     path = prepared / "meta.json"
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
         raise UserInputError(f"prepared data {path}: missing or unreadable; run `bigmodel prepare` again") from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format_version", 0) > PREPARED_FORMAT_VERSION:
         raise UserInputError(f"prepared data {path}: format {meta['format_version']} is newer than this bigmodel "
-                             f"(reads {FORMAT_VERSION}); upgrade bigmodel-dist")
+                             f"(reads {PREPARED_FORMAT_VERSION}); upgrade bigmodel-dist")
     return meta
 
 
