@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bigmodel_dist.checkpoint.integrity import DS_TAG
+
 from .conftest import REPO, TINY
 from .guards import HANG_GUARD_S
 from .spawn import run_distributed
@@ -144,7 +146,7 @@ def test_bad_inputs_are_refused_in_one_line(trained, tmp_path, cli_env):
 
     truncated = tmp_path / "truncated"
     shutil.copytree(checkpoint, truncated)
-    victim = max((truncated / "pytorch_model").glob("*optim_states.pt"))
+    victim = max((truncated / DS_TAG).glob("*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:-100])
     _refused(_export(truncated, tmp_path / "a", cli_env), str(truncated), victim.name, "truncated")
 

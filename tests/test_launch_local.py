@@ -9,6 +9,8 @@ import sys
 import pytest
 import yaml
 
+from bigmodel_dist.checkpoint.integrity import DS_TAG
+
 from .conftest import REPO
 from .guards import HANG_GUARD_S
 
@@ -28,8 +30,8 @@ def _check_run_dir(run_dir, steps: int, stage: int) -> list[dict]:
     meta = json.loads((ckpt / "bigmodel_meta.json").read_text())
     assert meta["step"] == steps and meta["samples_seen"] == steps * 8 and meta["zero_stage"] == stage
     assert set(meta["files"]) == {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"bigmodel_meta.json"}
-    assert list((ckpt / "pytorch_model").glob("*model_states.pt"))  # ZeRO-3 names one per rank
-    assert len(list((ckpt / "pytorch_model").glob("*optim_states.pt"))) == (2 if stage > 0 else 1)
+    assert list((ckpt / DS_TAG).glob("*model_states.pt"))  # ZeRO-3 names one per rank
+    assert len(list((ckpt / DS_TAG).glob("*optim_states.pt"))) == (2 if stage > 0 else 1)
     assert json.loads((run_dir / "COMPLETED").read_text())["step"] == steps
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return records

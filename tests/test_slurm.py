@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.metrics_file import read_metrics
 
 from .conftest import REPO, TINY
@@ -74,7 +75,7 @@ def test_two_nodes_zero3_every_node_takes_part(slurm_cluster, tmp_path, data_cac
     assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
     meta = json.loads((run_dir / "checkpoints" / "step_00000003" / "bigmodel_meta.json").read_text())
     assert meta["world_size"] == 2 and meta["zero_stage"] == 3
-    assert {f"pytorch_model/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(2)} <= set(meta["files"])
+    assert {f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(2)} <= set(meta["files"])
     log = _log(run_dir, job)
     assert "n1,n2" in log  # the expanded node list, logged by the pre-flight
     # srun --label prefixes each line with its task number: both nodes' ranks ran and logged

@@ -18,14 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bigmodel_dist.checkpoint.integrity import META_NAME, check_files, read_checkpoint_meta
+from bigmodel_dist.checkpoint.integrity import DS_TAG, META_NAME, check_files, read_checkpoint_meta
 from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.fileio import fsync_path
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-DS_TAG = "pytorch_model"  # the tag Accelerate's save_state gives the DeepSpeed checkpoint
 SHARD_BYTES = 2 * 2**30  # the progress bar advances per shard; 2 GiB files also move and upload easily
 
 

@@ -15,6 +15,7 @@ from bigmodel_dist.fileio import file_checksum, fsync_path
 
 CHECKPOINT_FORMAT_VERSION = 1
 META_NAME = "bigmodel_meta.json"
+DS_TAG = "pytorch_model"  # the sub-folder Accelerate's save_state gives the DeepSpeed engine's files
 STEP_PREFIX = "step_"
 PARTIAL_PREFIX = ".partial-"
 

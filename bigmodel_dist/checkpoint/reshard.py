@@ -16,11 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-TAG = "pytorch_model"  # Accelerate's DeepSpeed checkpoint tag
 DONE = "CONVERTED"
 
 
@@ -35,8 +35,8 @@ def convert_to_universal(ckpt: Path, target_world_size: int, target_stage: int) 
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".converting-"))
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / TAG),
-               "--output_folder", str(tmp / TAG), "--num_extract_workers", "2", "--num_merge_workers", "1"]
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / DS_TAG),
+               "--output_folder", str(tmp / DS_TAG), "--num_extract_workers", "2", "--num_merge_workers", "1"]
     log.info("converting %s to a universal checkpoint for %d rank(s) at ZeRO-%d", ckpt.name, target_world_size,
              target_stage)
     result = subprocess.run(command, capture_output=True, text=True)
@@ -45,9 +45,9 @@ def convert_to_universal(ckpt: Path, target_world_size: int, target_stage: int) 
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserInputError(f"checkpoint {ckpt}: DeepSpeed's universal conversion failed ({tail}); resume on the "
                              "world size and ZeRO stage it was written with")
-    _add_model_state_names(tmp / TAG, target_world_size, target_stage)
+    _add_model_state_names(tmp / DS_TAG, target_world_size, target_stage)
     if target_stage == 3:
-        _add_stage3_optimizer_state(tmp / TAG / "zero")
+        _add_stage3_optimizer_state(tmp / DS_TAG / "zero")
     for rng in ckpt.glob("random_states_*.pkl"):  # ranks that existed before keep their RNG streams
         shutil.copy2(rng, tmp / rng.name)
     (tmp / DONE).write_text("ok\n")

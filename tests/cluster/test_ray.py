@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.metrics_file import read_metrics
 
 from ..conftest import REPO, TINY
@@ -111,7 +112,7 @@ def _check_finished_run(run_dir: Path, stage: int) -> None:
     assert steps == ["step_00000004", "step_00000008", "step_00000010"]
     final = run_dir / "checkpoints" / "step_00000010"
     assert json.loads((final / "bigmodel_meta.json").read_text())["zero_stage"] == stage
-    assert len(list((final / "pytorch_model").glob("*zero_pp_rank_*optim_states.pt"))) == 2  # both ranks
+    assert len(list((final / DS_TAG).glob("*zero_pp_rank_*optim_states.pt"))) == 2  # both ranks
     # Ray's own record of the run: manifests pointing at our step directories, kept to keep_last
     assert (run_dir / "ray" / run_dir.name / "checkpoint_manager_snapshot.json").is_file()
     manifests = sorted(p.name for p in (run_dir / "ray" / run_dir.name).glob("manifest_*"))
