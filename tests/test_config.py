@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,8 +12,8 @@ from bigmodel_dist.config import load_config
 from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.errors import ConfigError, UserInputError
 
+from .cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 from .conftest import REPO
-from .guards import HANG_GUARD_S
 
 SHIPPED_RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -79,11 +77,6 @@ def test_there_are_shipped_configs_for_every_family_and_size():
     assert {"gpt2-tiny", "gpt2-124m", "gpt2-350m", "gpt2-1.3b", "llama-tiny", "llama-7b"} <= names
 
 
-def _cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=HANG_GUARD_S)
-
-
 BAD_INPUTS = [
     (["--train.bogus=1"], "train.bogus"),
     (["--train.max_steps=abc"], "train.max_steps"),
@@ -109,10 +102,8 @@ CASES = [("validate", *case) for case in BAD_INPUTS] + [
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, cli_env, command, overrides, needle):
     out = tmp_path / "runs"
     argv = {"validate": ["validate"], "train": ["train"], "launch": ["launch", "local", "--nproc-per-node=2"]}[command]
-    result = _cli([*argv, str(REPO / "configs" / "gpt2-tiny.yaml"), f"--output_dir={out}", *overrides], tmp_path, cli_env)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
+    result = run_cli([*argv, TINY_CONFIG, f"--output_dir={out}", *overrides], cwd=tmp_path, env=cli_env)
+    assert_one_line_error(result, needle)
     assert not out.exists()
 
 
@@ -125,12 +116,12 @@ def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_by_validate(tmp_path
     folder = tmp_path / "tok"
     PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(str(folder))
     tokens = bpe.get_vocab_size()
-    config = str(REPO / "configs" / "gpt2-tiny.yaml")
-    small = _cli(["validate", config, f"--data.tokenizer={folder}", f"--model.vocab_size={tokens - 1}"], tmp_path, cli_env)
-    assert small.returncode == 2 and small.stderr.count("\n") == 1, small.stderr
-    assert f"config field model.vocab_size: {tokens - 1} is smaller than the {tokens} tokens of data.tokenizer" in small.stderr
-    assert str(folder) in small.stderr
-    fits = _cli(["validate", config, f"--data.tokenizer={folder}", f"--model.vocab_size={tokens}"], tmp_path, cli_env)
+    small = run_cli(["validate", TINY_CONFIG, f"--data.tokenizer={folder}", f"--model.vocab_size={tokens - 1}"],
+                    cwd=tmp_path, env=cli_env)
+    assert_one_line_error(small, f"config field model.vocab_size: {tokens - 1} is smaller than the {tokens} tokens "
+                                 "of data.tokenizer", str(folder))
+    fits = run_cli(["validate", TINY_CONFIG, f"--data.tokenizer={folder}", f"--model.vocab_size={tokens}"],
+                   cwd=tmp_path, env=cli_env)
     assert fits.returncode == 0, fits.stderr
 
 
@@ -140,31 +131,27 @@ def test_unwritable_nvme_offload_dir_is_rejected(tmp_path, cli_env):
     blocked.write_text("a file, not a folder")
     offload = {"device": "nvme", "nvme_path": f"{blocked}/sub"}
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": offload}}))
-    result = _cli(["validate", str(REPO / "configs" / "gpt2-tiny.yaml"), f"--deepspeed.config={ds}"], tmp_path, cli_env)
-    assert result.returncode == 2
-    assert "nvme_path" in result.stderr and "not writable" in result.stderr
+    result = run_cli(["validate", TINY_CONFIG, f"--deepspeed.config={ds}"], cwd=tmp_path, env=cli_env)
+    assert_one_line_error(result, "nvme_path", "not writable")
 
 
 def test_missing_config_file_and_bad_yaml(tmp_path, cli_env):
-    result = _cli(["validate", str(tmp_path / "absent.yaml")], tmp_path, cli_env)
-    assert result.returncode == 2 and "absent.yaml" in result.stderr
+    assert_one_line_error(run_cli(["validate", str(tmp_path / "absent.yaml")], cwd=tmp_path, env=cli_env), "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    result = _cli(["validate", str(bad)], tmp_path, cli_env)
-    assert result.returncode == 2 and "bad.yaml" in result.stderr and "line" in result.stderr
+    assert_one_line_error(run_cli(["validate", str(bad)], cwd=tmp_path, env=cli_env), "bad.yaml", "line")
     with pytest.raises(UserInputError):
         load_config(bad)
 
 
 def test_validate_prints_derived_figures_fast(tmp_path, cli_env):
-    result = _cli(["validate", str(REPO / "configs" / "gpt2-124m.yaml"), "--world-size=8"], tmp_path, cli_env)
+    result = run_cli(["validate", str(REPO / "configs" / "gpt2-124m.yaml"), "--world-size=8"], cwd=tmp_path, env=cli_env)
     assert result.returncode == 0, result.stderr
     for needle in ("parameters", "tokens per step", "grad accum", "ZeRO-", "model states per rank"):
         assert needle in result.stdout
     # heavy libraries stay unimported: validate must be instant
     probe = "import sys, launcher.cli as c; c.main(['validate', %r]); print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", probe % str(REPO / "configs" / "gpt2-tiny.yaml")],
-                         cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    out = run_command([sys.executable, "-c", probe % TINY_CONFIG], cwd=tmp_path, env=cli_env)
     assert out.stdout.strip().endswith("[]"), out.stdout
 
 
@@ -180,8 +167,8 @@ def test_slurm_task_variables_become_torchrun_variables():
 
 
 def test_launch_slurm_dry_run_prints_the_exact_sbatch_command(tmp_path, cli_env):
-    result = _cli(["launch", "slurm", str(REPO / "configs" / "gpt2-tiny.yaml"), "--nodes=2", "--nproc-per-node=2",
-                   "--time=00:10:00", "--dry-run", f"--output_dir={tmp_path}", "--train.max_steps=5"], tmp_path, cli_env)
+    result = run_cli(["launch", "slurm", TINY_CONFIG, "--nodes=2", "--nproc-per-node=2", "--time=00:10:00", "--dry-run",
+                      f"--output_dir={tmp_path}", "--train.max_steps=5"], cwd=tmp_path, env=cli_env)
     assert result.returncode == 0, result.stderr
     command = result.stdout.strip()
     assert command.startswith("sbatch --parsable --job-name=gpt2-tiny --nodes=2 ")
