@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 STOP_FILE_ENV = "BIGMODEL_STOP_FILE"  # set by `bigmodel launch local` for its workers
@@ -76,24 +76,33 @@ def facts_from_env(env: Mapping[str, str] | None = None) -> DistributedFacts:
     )
 
 
+def broadcast_from_rank0(value: T) -> T:
+    """Rank 0's `value` on every rank (what other ranks pass is ignored; None will do).
+
+    Collective: every rank calls it. The value is pickled, so keep it small (a decision, a list of names).
+    """
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def on_rank0_then_shared(is_main: bool, work: Callable[[], T]) -> T:
     """Run `work` on rank 0 only and give every rank its result, or its user error.
 
     Collective: every rank calls it. A UserInputError on rank 0 is raised on all ranks, so none is left
     waiting in a later collective.
     """
-    import torch.distributed as dist
-
     from bigmodel_dist.errors import UserInputError
 
-    box: list = [(None, None)]
+    outcome: tuple[Any, str | None] = (None, None)  # (result, error message)
     if is_main:
         try:
-            box = [(work(), None)]
+            outcome = (work(), None)
         except UserInputError as exc:
-            box = [(None, str(exc))]
-    dist.broadcast_object_list(box, src=0)
-    result, error = box[0]
+            outcome = (None, str(exc))
+    result, error = broadcast_from_rank0(outcome)
     if error:
         raise UserInputError(error)
     return result

@@ -30,7 +30,7 @@ from bigmodel_dist.checkpoint.integrity import (
     step_dirs,
 )
 from bigmodel_dist.config.schema import CheckpointConfig
-from bigmodel_dist.distributed import DistributedFacts
+from bigmodel_dist.distributed import DistributedFacts, broadcast_from_rank0
 from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.fileio import fsync_path, write_json_atomically, write_text_atomically
 
@@ -45,12 +45,6 @@ ASYNC_COMMIT_TIMEOUT_S = 3600.0  # rank 0 waits this long for every rank's backg
 class ResumePoint:
     path: Path
     meta: dict[str, Any]
-
-
-def _broadcast(value: Any) -> Any:
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class CheckpointManager:
@@ -71,7 +65,7 @@ class CheckpointManager:
         """
         self.wait()  # never two writes at once: the previous snapshot leaves memory first
         final = self.dir / step_dir_name(step)
-        if _broadcast(final.is_dir() if self.facts.is_main else None):
+        if broadcast_from_rank0(final.is_dir() if self.facts.is_main else None):
             return final  # already committed at this step (e.g. an interval save right before the end)
         partial = self.dir / f"{PARTIAL_PREFIX}{final.name}"
         if self.facts.is_main:
@@ -86,7 +80,7 @@ class CheckpointManager:
         if self.cfg.async_save:
             self._finish_in_background(engine, partial, final, header)
             return final
-        files = _broadcast(list_files(partial) if self.facts.is_main else None)
+        files = broadcast_from_rank0(list_files(partial) if self.facts.is_main else None)
         mine = describe_files(partial, files[self.facts.rank :: self.facts.world_size])
         shares: list[dict] = [{} for _ in range(self.facts.world_size)]
         dist.all_gather_object(shares, mine)
@@ -140,14 +134,14 @@ class CheckpointManager:
     def choose_resume(self, resume: str) -> ResumePoint | None:
         """The checkpoint to resume from, verified by all ranks; newest good one for `latest`."""
         if resume == "none":
-            existing = _broadcast([p.name for p in step_dirs(self.dir)] if self.facts.is_main else None)
+            existing = broadcast_from_rank0([p.name for p in step_dirs(self.dir)] if self.facts.is_main else None)
             if existing:
                 raise UserInputError(f"checkpoint.resume=none but {self.dir} holds {existing[0]}; use a new run name "
                                      "or resume (checkpoint.resume=latest) - existing checkpoints are never overwritten")
             return None
         explicit = resume != "latest"
         candidates = [Path(resume)] if explicit else step_dirs(self.dir)
-        candidates = _broadcast([str(p) for p in candidates] if self.facts.is_main else None)
+        candidates = broadcast_from_rank0([str(p) for p in candidates] if self.facts.is_main else None)
         for candidate in map(Path, candidates):
             problem, meta = self._verify(candidate)
             if problem is None:
@@ -164,7 +158,7 @@ class CheckpointManager:
         if self.facts.is_main:
             meta, problem = (None, "is not a directory") if not candidate.is_dir() else read_checkpoint_meta(candidate)
             found = (meta, problem)
-        meta, problem = _broadcast(found)
+        meta, problem = broadcast_from_rank0(found)
         if problem is not None:
             return problem, None
         names = sorted(meta["files"])
