@@ -16,6 +16,7 @@ import yaml
 
 from bigmodel_dist.config.schema import Config
 from bigmodel_dist.errors import ConfigError, UserInputError
+from bigmodel_dist.fileio import write_text_atomically
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -43,10 +44,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def save_config(config: Config, path: Path) -> None:
-    """Write the resolved config as YAML (atomically: temp file + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config as YAML, atomically (readers never see half a file)."""
+    write_text_atomically(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
