@@ -36,14 +36,20 @@ def _worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
     from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.trainer import Trainer
+    from bigmodel_dist.session import open_trainer
 
     facts = facts_from_env()
     cfg = load_config(None, [*MODEL, f"--model.preset={args.preset}", f"--output_dir={args.workdir}", f"--data.cache_dir={args.cache}", "--name=save",
                              "--train.max_steps=1", "--checkpoint.every=0", "--checkpoint.keep_last=100"])
-    trainer = Trainer(resolve_run(cfg, facts.world_size), facts)
+    with open_trainer(cfg, facts) as trainer:
+        _measure_saves(trainer, facts, args)
+
+
+def _measure_saves(trainer, facts, args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
     trainer.train()  # one step: optimizer states exist; saves step 1
     engine = trainer.runtime.engine
 
@@ -67,20 +73,20 @@ def _worker(args: argparse.Namespace) -> None:
         dist.barrier()
         raw.append(time.perf_counter() - started)
     # The same saves with checkpoint.async_save: the loop stalls only for the host-memory snapshot.
-    from bigmodel_dist.checkpoint.async_writer import SnapshotCheckpointEngine
+    from bigmodel_dist.checkpoint.snapshot_engine import SnapshotCheckpointEngine
+    from bigmodel_dist.runtime import replace_checkpoint_engine
 
     trainer.cfg.checkpoint.async_save = True
-    engine.checkpoint_engine = SnapshotCheckpointEngine(engine._config)
+    replace_checkpoint_engine(engine, SnapshotCheckpointEngine)
     stalls = []
     for i in range(args.repeats):
         stalls.append(timed_save(200 + i))
-        trainer.checkpoints.wait()  # measure each stall alone, not behind the previous write
+        trainer.checkpoints.settle()  # measure each stall alone, not behind the previous write
         dist.barrier()
     ckpt = trainer.run_dir / "checkpoints" / "step_00000100"
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     if facts.is_main:
         Path(args.out).write_text(json.dumps({"ours": ours, "raw": raw, "async_stall": stalls, "bytes": size}))
-    trainer.close()
 
 
 def _disk_bandwidth(folder: Path) -> float:

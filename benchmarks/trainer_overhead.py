@@ -28,10 +28,8 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
 
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
     from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.models import build_model, weight_decay_groups
-    from bigmodel_dist.trainer import Trainer
+    from bigmodel_dist.session import open_trainer
     from launcher.logs import setup_logging
 
     facts = facts_from_env()
@@ -44,10 +42,17 @@ def _worker(args: argparse.Namespace) -> None:
         "--logging.wandb_mode=disabled", "--model.dropout=0.0", "--optim.warmup_steps=2",
         f"--train.max_steps={args.blocks * args.block_steps}",
     ])
-    resolved = resolve_run(cfg, facts.world_size)
-    trainer = Trainer(resolved, facts)
+    with open_trainer(cfg, facts) as trainer:
+        _compare(trainer, facts, args)
 
+
+def _compare(trainer, facts, args: argparse.Namespace) -> None:
     import deepspeed
+    import torch
+
+    from bigmodel_dist.models import build_model, weight_decay_groups
+
+    cfg, resolved = trainer.cfg, trainer.resolved
 
     model = build_model(cfg.model, cfg.seed, eos_token_id=trainer.tokenizer.eos_token_id)
     bare, *_ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, cfg.optim.weight_decay),
@@ -84,7 +89,6 @@ def _worker(args: argparse.Namespace) -> None:
     torch.distributed.barrier()
     if facts.is_main:
         Path(args.out).write_text(json.dumps({"trainer": trainer_times, "bare": bare_times}))
-    trainer.close()
 
 
 def _measure(precision: str, args: argparse.Namespace, workdir: str) -> dict:

@@ -15,3 +15,18 @@ class ConfigError(UserInputError):
     def __init__(self, path: str, message: str):
         super().__init__(f"config field {path}: {message}")
         self.path = path
+
+
+EXIT_RUN_FAILED = 1
+
+
+class RunFailedError(Exception):
+    """The run cannot go on for a reason outside the config (a full disk, an unwritable checkpoint); the
+    message names the rank, the path and the cause. Not retried: requeueing would meet the same wall.
+
+    `on_every_rank`: every rank raised it alike (an agreed failure), so rank 0 alone reports it.
+    """
+
+    def __init__(self, message: str, on_every_rank: bool = False):
+        super().__init__(message)
+        self.on_every_rank = on_every_rank

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+DISK_FULL_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 
 
 def file_checksum(path: Path) -> str:
@@ -27,6 +30,18 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_error(path: Path, exc: BaseException) -> str:
+    """What went wrong writing under `path`, in words: the exception, and whether its file system is full
+    (torch.save on a full disk says only "unexpected pos ...")."""
+    try:
+        usage = shutil.disk_usage(path if path.exists() else path.parent)
+    except OSError:
+        return str(exc)
+    if usage.free < DISK_FULL_BYTES or usage.free < usage.total * 0.001:
+        return f"{exc} (no space left on device: {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB)"
+    return str(exc)
 
 
 def write_bytes_atomically(path: Path, payload: bytes) -> None:

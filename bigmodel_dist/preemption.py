@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 # Watched from a process's first line, before its config is read: the config's own default.
 DEFAULT_STOP_SIGNALS = tuple(CheckpointConfig().stop_signals)
-NO_STOP, SIGNALLED, TIME_LIMIT = 0, 1, 2
-REASONS = {SIGNALLED: "signal", TIME_LIMIT: "time limit"}
+NO_STOP, SIGNALLED, TIME_LIMIT, WRITE_FAILED = 0, 1, 2, 3  # MAX wins: a failure outranks a stop
+REASONS = {SIGNALLED: "signal", TIME_LIMIT: "time limit", WRITE_FAILED: "checkpoint write failed"}
+FAILED_WRITE = REASONS[WRITE_FAILED]
 
 
 class StopSignals:
@@ -90,20 +91,26 @@ class StopController:
         self._is_main = is_main
         self._flag = torch.zeros(1, dtype=torch.int32, device=device)
 
-    def agreed_stop(self) -> str | None:
-        """Collective: the reason every rank stops after this step, or None to go on."""
+    def agreed_stop(self, write_failed: bool = False) -> str | None:
+        """Collective: the reason every rank stops after this step, or None to go on.
+
+        `write_failed`: this rank's background checkpoint write failed; every rank then stops with
+        `FAILED_WRITE` (the caller raises the failure, it does not save).
+        """
         import torch.distributed as dist
 
         local = NO_STOP
         received = self.signals.received
-        if received:
+        if write_failed:
+            local = WRITE_FAILED
+        elif received:
             local = SIGNALLED
         elif self._is_main and self._end_time is not None and time.time() >= self._end_time - self._margin_s:
             local = TIME_LIMIT
         self._flag.fill_(local)
         dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
         agreed = int(self._flag.item())
-        if agreed and self._is_main:
+        if agreed and agreed != WRITE_FAILED and self._is_main:
             detail = f" ({received})" if received else ""
             log.warning("stopping for %s%s: saving what is new, then exiting to be requeued", REASONS[agreed], detail)
         return REASONS.get(agreed)

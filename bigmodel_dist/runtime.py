@@ -6,11 +6,15 @@ Accelerate alone would pick none and miscount the world size).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
+
+INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -52,6 +56,44 @@ def prepare(accelerator, model: torch.nn.Module, param_groups: list[dict], lr: f
 
     engine, optimizer = accelerator.prepare(model, DummyOptim(param_groups, lr=lr))
     return Runtime(accelerator=accelerator, engine=engine, optimizer=optimizer)
+
+
+def load_universal_checkpoints(accelerator) -> None:
+    """Make the engine about to be built load universal checkpoints (other world size or ZeRO stage).
+
+    Must run before `prepare`: DeepSpeed reads the flag when it builds the optimizer.
+    """
+    accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+
+
+def restart_accumulation_count(accelerator) -> None:
+    """Start Accelerate's micro-step counter, which places accumulation boundaries, from zero.
+
+    `load_state` restores the saved count; a resume happens at a boundary, and with another world size
+    the old count would misplace them.
+    """
+    accelerator.step = 0
+
+
+def replace_checkpoint_engine(engine, make: Callable[[Any], Any]) -> None:
+    """Give the engine another checkpoint engine, `make(deepspeed_config_object)` (e.g. async writes)."""
+    engine.checkpoint_engine = make(engine._config)
+
+
+def deepspeed_config_as_run(engine) -> dict[str, Any]:
+    """The DeepSpeed JSON the engine was built from, after Accelerate filled in its values, as strict
+    JSON (Accelerate sets `steps_per_print` to infinity, which JSON cannot hold: the largest int64)."""
+    return _finite(engine.config)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return INT64_MAX if value > 0 else -INT64_MAX
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def set_learning_rate(runtime: Runtime, lr: float) -> None:

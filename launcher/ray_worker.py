@@ -107,9 +107,9 @@ def train_worker(job: dict[str, Any]) -> None:
     import ray.train
 
     from bigmodel_dist.config.loader import from_dict
-    from bigmodel_dist.config.validate import resolve_run
+    from bigmodel_dist.config.validate import run_dir_of
     from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.trainer import Trainer
+    from bigmodel_dist.session import run_training
     from launcher.logs import setup_logging
 
     context = ray.train.get_context()
@@ -125,19 +125,15 @@ def train_worker(job: dict[str, Any]) -> None:
     # W&B runs on Ray's controller (launcher/ray_wandb.py), which outlives killed workers; the workers
     # keep metrics.jsonl only.
     cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb_mode="disabled"))
-    resolved = resolve_run(cfg, facts.world_size)
+    run_dir = run_dir_of(cfg)
     checkpoint = ray.train.get_checkpoint()
     manifest = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             manifest = read_manifest(Path(directory))
-    resume = resume_choice(manifest, resolved.run_dir, cfg.checkpoint.resume)
+    resume = resume_choice(manifest, run_dir, cfg.checkpoint.resume)
     if facts.is_main:
         log.info("Ray worker group of %d: Ray checkpoint %s; resume=%s", facts.world_size,
                  f"step {manifest['step']}" if manifest else "none", resume)
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=resume))
-    resolved = dataclasses.replace(resolved, config=cfg)
-    trainer = Trainer(resolved, facts, reporter=RayReporter(resolved.run_dir, facts.is_main,
-                                                               manifest["step"] if manifest else -1))
-    trainer.train()
-    trainer.close()
+    run_training(cfg, facts, reporter=RayReporter(run_dir, facts.is_main, manifest["step"] if manifest else -1))

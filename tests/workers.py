@@ -4,20 +4,24 @@ from __future__ import annotations
 
 
 def train_and_collect(overrides: list[str]) -> dict:
-    """Train with the real Trainer; return per-step losses and (rank 0) the full fp32 parameters."""
+    """Train with the real Trainer; return the losses of the steps this process ran (from metrics.jsonl:
+    run with `--train.log_every=1` for one per step) and (rank 0) the full fp32 parameters."""
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
     from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.metrics_file import read_metrics
     from bigmodel_dist.runtime import full_parameters
-    from bigmodel_dist.trainer import Trainer
+    from bigmodel_dist.session import open_trainer
 
     facts = facts_from_env()
-    cfg = load_config(None, overrides)
-    trainer = Trainer(resolve_run(cfg, facts.world_size), facts)
-    state = trainer.train()
-    params = {name: tensor.float().numpy().copy() for name, tensor in full_parameters(trainer.runtime.engine).items()}
-    trainer.close()
-    return {"losses": state.losses, "params": params if facts.is_main else None}
+    with open_trainer(load_config(None, overrides), facts) as trainer:
+        first_step = trainer.state.step
+        trainer.train()
+        params = {name: tensor.float().numpy().copy() for name, tensor in full_parameters(trainer.runtime.engine).items()}
+        run_dir = trainer.run_dir
+    if not facts.is_main:
+        return {"losses": None, "params": None}
+    steps, losses = read_metrics(run_dir / "metrics.jsonl").series("loss")
+    return {"losses": [loss for step, loss in zip(steps, losses) if step > first_step], "params": params}
 
 
 def train_and_crash(overrides: list[str], crash_point: str, crash_rank: int, crash_step: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from bigmodel_dist.fileio import file_checksum, fsync_path
 
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: the training state is one block, `train_state` (1: flat keys)
 META_NAME = "bigmodel_meta.json"
 DS_TAG = "pytorch_model"  # the sub-folder Accelerate's save_state gives the DeepSpeed engine's files
 STEP_PREFIX = "step_"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,15 +31,17 @@ from bigmodel_dist.checkpoint.integrity import (
     step_dirs,
 )
 from bigmodel_dist.config.schema import CheckpointConfig
+from bigmodel_dist.config.validate import ResolvedRun
 from bigmodel_dist.distributed import DistributedFacts, broadcast_from_rank0
-from bigmodel_dist.errors import UserInputError
-from bigmodel_dist.fileio import fsync_path, write_json_atomically, write_text_atomically
+from bigmodel_dist.errors import RunFailedError, UserInputError
+from bigmodel_dist.fileio import fsync_path, write_error, write_json_atomically, write_text_atomically
+from bigmodel_dist.train_state import saved_train_state
 
 log = logging.getLogger(__name__)
 
 # DeepSpeed's ds_to_universal refuses checkpoints without this client state (see NOTES).
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
-ASYNC_COMMIT_TIMEOUT_S = 3600.0  # rank 0 waits this long for every rank's background write
+FAILURE_ADVICE = "free space in (or fix) {dir}, then run again: it resumes from the last committed checkpoint"
 
 
 @dataclass(frozen=True)
@@ -46,24 +49,33 @@ class ResumePoint:
     path: Path
     meta: dict[str, Any]
 
+    @property
+    def train_state(self) -> dict[str, Any]:
+        return saved_train_state(self.meta)
+
 
 class CheckpointManager:
     def __init__(self, run_dir: Path, cfg: CheckpointConfig, facts: DistributedFacts):
         self.dir = run_dir / "checkpoints"
         self.cfg = cfg
         self.facts = facts
-        self._writer = BackgroundWriter()
+        self._writer = BackgroundWriter(facts.rank)
+
+    def due(self, step: int) -> bool:
+        """An interval save at this step (`checkpoint.every`); the loop forces one at its last step."""
+        return bool(self.cfg.every) and step % self.cfg.every == 0
 
     # ---- save -------------------------------------------------------------------------------------
-    def save(self, accelerator, step: int, meta: dict[str, Any], write_extra: Callable[[Path], None] | None = None,
-             engine=None) -> Path:
+    def save(self, accelerator, step: int, train_state: dict[str, Any], run_identity: dict[str, Any],
+             write_extra: Callable[[Path], None] | None = None, engine=None) -> Path:
         """Write step `step` into a partial dir, checksum it (ranks share the work), commit by rename.
 
-        `write_extra(dir)` runs on rank 0 to add small files (the tokenizer) before checksumming. With
-        `checkpoint.async_save`, pass the DeepSpeed `engine`: the state is snapshotted here and written,
-        checksummed and committed by a background thread (`wait()` joins it).
+        The metadata holds `run_identity` (what a resume must match: model, batch shape, ...) at its top
+        level and `train_state` as one block. `write_extra(dir)` runs on rank 0 to add small files (the
+        tokenizer) before checksumming. With `checkpoint.async_save`, pass the DeepSpeed `engine`: the
+        state is snapshotted here and written, checksummed and committed by a background thread.
         """
-        self.wait()  # never two writes at once: the previous snapshot leaves memory first
+        self.settle()  # never two writes at once: the previous snapshot leaves memory first
         final = self.dir / step_dir_name(step)
         if broadcast_from_rank0(final.is_dir() if self.facts.is_main else None):
             return final  # already committed at this step (e.g. an interval save right before the end)
@@ -72,11 +84,15 @@ class CheckpointManager:
             shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial), client_state=UNIVERSAL_INFO)
-        if self.facts.is_main and write_extra is not None:
-            write_extra(partial)
+        try:
+            accelerator.save_state(str(partial), client_state=UNIVERSAL_INFO)
+            if self.facts.is_main and write_extra is not None:
+                write_extra(partial)
+        except (OSError, RuntimeError) as exc:  # torch.save on a full disk raises RuntimeError ("unexpected pos")
+            raise self._write_failed(partial, exc) from exc  # one clear error; the others' collectives fail
         accelerator.wait_for_everyone()
-        header = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "saved_at": time.time(), **meta}
+        header = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "saved_at": time.time(), **run_identity,
+                  "train_state": train_state}
         if self.cfg.async_save:
             self._finish_in_background(engine, partial, final, header)
             return final
@@ -85,7 +101,10 @@ class CheckpointManager:
         shares: list[dict] = [{} for _ in range(self.facts.world_size)]
         dist.all_gather_object(shares, mine)
         if self.facts.is_main:
-            self._commit(partial, final, header, {name: info for share in shares for name, info in share.items()})
+            try:
+                self._commit(partial, final, header, {name: info for share in shares for name, info in share.items()})
+            except OSError as exc:
+                raise self._write_failed(partial, exc) from exc
         accelerator.wait_for_everyone()  # no rank runs ahead of the commit
         return final
 
@@ -96,14 +115,14 @@ class CheckpointManager:
         present = list_files(partial)
         sync_files = present if self.facts.is_main else [f for f in present if f == f"random_states_{rank}.pkl"]
 
-        def commit() -> None:
-            described = wait_for_reports(partial, world, timeout_s=ASYNC_COMMIT_TIMEOUT_S)
+        def commit(abort: threading.Event) -> None:
+            described = wait_for_reports(partial, world, abort)
             if described is None:
-                log.error("checkpoint %s: not every rank reported its files; left uncommitted", partial.name)
+                log.warning("checkpoint %s: left uncommitted (a rank's write failed or the run ended)", partial.name)
                 return
             self._commit(partial, final, header, described)
 
-        self._writer.write_in_background(engine.checkpoint_engine.take_pending(), partial, rank, sync_files,
+        self._writer.write_in_background(engine.checkpoint_engine.take_pending(), partial, sync_files,
                                          then=commit if self.facts.is_main else None)
 
     def _commit(self, partial: Path, final: Path, header: dict[str, Any], described: dict[str, dict]) -> None:
@@ -116,9 +135,35 @@ class CheckpointManager:
         self._apply_retention()
         log.info("committed checkpoint %s", final)
 
-    def wait(self) -> None:
-        """Join this rank's background write (and on rank 0 the commit); a no-op for synchronous saves."""
-        self._writer.wait()
+    def _write_failed(self, partial: Path, exc: OSError) -> RunFailedError:
+        return RunFailedError(f"rank {self.facts.rank}: writing checkpoint {partial} failed: "
+                              f"{write_error(partial, exc)}; {FAILURE_ADVICE.format(dir=self.dir)}")
+
+    def local_failure(self) -> bool:
+        """Whether this rank's background write (or rank 0's commit) has failed: cheap, no collective."""
+        return self._writer.failure is not None
+
+    def settle(self) -> None:
+        """Collective: every rank's background write finished and rank 0's commit done, or, if any rank's
+        write failed, `RunFailedError` on every rank naming it. A no-op for synchronous saves."""
+        if not self.cfg.async_save:
+            return
+        self._writer.wait_written()
+        failures: list[str | None] = [None] * self.facts.world_size
+        dist.all_gather_object(failures, self._writer.failure)
+        failure = next((f for f in failures if f), None)
+        if failure is None:
+            self._writer.join()  # every report is there: rank 0's commit ends
+            failure = broadcast_from_rank0(self._writer.failure if self.facts.is_main else None)
+        if failure is not None:
+            self.close()
+            raise RunFailedError(f"{failure}; {FAILURE_ADVICE.format(dir=self.dir)}", on_every_rank=True)
+
+    def close(self) -> None:
+        """Leave no thread behind (not collective: also on an error path); an unfinished commit is
+        abandoned and its partial directory never chosen."""
+        self._writer.abort()
+        self._writer.join()
 
     def _apply_retention(self) -> None:
         keep_every = self.cfg.keep_every
@@ -169,7 +214,7 @@ class CheckpointManager:
         return first, (None if first else meta)
 
 
-def check_resumable(resume: ResumePoint, resolved) -> None:
+def check_resumable(resume: ResumePoint, resolved: ResolvedRun) -> None:
     """The checkpoint must be of this model and batch shape (the data cursor counts global batches)."""
     meta, cfg = resume.meta, resolved.config
     wanted = {"model": {"preset": cfg.model.preset, "vocab_size": resolved.shape.vocab_size,

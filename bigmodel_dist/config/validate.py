@@ -52,6 +52,11 @@ class ResolvedRun:
         )
 
 
+def run_dir_of(cfg: Config) -> Path:
+    """Where a run keeps its config, metrics, checkpoints and markers: `<output_dir>/<name>`."""
+    return Path(cfg.output_dir) / cfg.name
+
+
 def resolve_run(cfg: Config, world_size: int, device: DeviceInfo | None = None) -> ResolvedRun:
     """Check and derive everything for a run on `world_size` data-parallel ranks of `device` (default:
     this machine's). The returned config holds a concrete precision, never "auto"."""
@@ -72,7 +77,7 @@ def resolve_run(cfg: Config, world_size: int, device: DeviceInfo | None = None) 
     _check_data_paths(cfg)
     _check_tokenizer_fits(cfg, shape.vocab_size)
     _check_resume_path(cfg.checkpoint.resume)
-    run_dir = Path(cfg.output_dir) / cfg.name
+    run_dir = run_dir_of(cfg)
     _check_writable(run_dir, "output_dir")
     return ResolvedRun(cfg, run_dir, layout, source, ds, notes, shape, count_parameters(shape), precision_reason)
 

@@ -41,6 +41,18 @@ PREPARED_FORMAT_VERSION = 1
 DOCS_PER_BATCH = 512
 
 
+def cache_dir_of(data_cfg: DataConfig, output_dir: str) -> Path:
+    """Where derived data (tokenizer, HF dataset cache, prepared shards) lives: `data.cache_dir` or
+    `<output_dir>/.cache`."""
+    return Path(data_cfg.cache_dir or Path(output_dir) / ".cache")
+
+
+def prepare_for_run(config, vocab_size: int, progress: bool = True) -> Path:
+    """The prepared folder of a run config (`Config`): what `bigmodel prepare`, the launchers and every
+    rank call, so all of them find the same folder."""
+    return prepare_data(config.data, vocab_size, cache_dir_of(config.data, config.output_dir), progress=progress)
+
+
 def prepare_data(data_cfg: DataConfig, model_vocab_size: int, cache_dir: Path, progress: bool = True) -> Path:
     """The prepared folder for this data config, built (or completed) if needed. Idempotent."""
     if data_cfg.num_proc:  # tokenizers' Rust pool reads this once, at its first parallel call

@@ -35,3 +35,10 @@ def micro_batch_indices(layout: BatchLayout, step: int, micro_step: int, rank: i
     """Global sample indices of one micro-batch of one rank."""
     start = step * layout.global_batch_size + (micro_step * layout.data_parallel_size + rank) * layout.micro_batch_size
     return range(start, start + layout.micro_batch_size)
+
+
+def eval_batch_indices(layout: BatchLayout, batch_index: int, rank: int, num_sequences: int) -> list[int]:
+    """Validation sequence indices of one evaluation micro-batch of one rank: in order, no shuffle, so
+    every evaluation reads the same sequences; wraps around a small split."""
+    start = (batch_index * layout.data_parallel_size + rank) * layout.micro_batch_size
+    return [(start + i) % num_sequences for i in range(layout.micro_batch_size)]

@@ -1,0 +1,46 @@
+"""What the training loop has done so far: saved in every checkpoint as one block, restored on resume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    samples_seen: int = 0  # the data cursor: global samples consumed
+    stop_reason: str | None = None  # set when a signal or the time limit ended this run early
+    wandb_run_id: str | None = None  # rank 0's; a resumed run continues this W&B run
+    # Goodput: wall clock of the whole run (restarts included) and the time spent in steps that count
+    # (work redone after a resume does not).
+    run_started_at: float = field(default_factory=time.time)
+    productive_s: float = 0.0
+
+    def advance(self, tokens: int, samples: int) -> None:
+        self.step += 1
+        self.tokens_seen += tokens
+        self.samples_seen += samples
+
+    def goodput(self) -> float:
+        return self.productive_s / max(1e-9, time.time() - self.run_started_at)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore from a checkpoint's block; `stop_reason` is not carried over (it ended *that* run)."""
+        known = {f.name for f in fields(self)} - {"stop_reason"}
+        for name, value in saved.items():
+            if name in known:
+                setattr(self, name, value)
+
+
+def saved_train_state(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's train-state block; format 1 kept the same values at the top level of the metadata."""
+    if "train_state" in meta:
+        return meta["train_state"]
+    legacy = ("step", "tokens_seen", "samples_seen", "stop_reason", "wandb_run_id", "run_started_at", "productive_s")
+    return {name: meta[name] for name in legacy if name in meta}
