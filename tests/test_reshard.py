@@ -43,6 +43,6 @@ def test_resume_on_another_topology_continues_the_run(tmp_path, data_cache, stra
     np.testing.assert_allclose(first["losses"] + second["losses"], straight, atol=TOLERANCE)
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000006"
     meta = json.loads((ckpt / "bigmodel_meta.json").read_text())
-    assert (meta["world_size"], meta["zero_stage"], meta["samples_seen"]) == (after, stage_after, 6 * 8)
+    assert (meta["world_size"], meta["zero_stage"], meta["train_state"]["samples_seen"]) == (after, stage_after, 6 * 8)
     # the original checkpoint is untouched: the conversion lives in a cache beside it
     assert (tmp_path / "run" / "checkpoints" / ".universal" / "step_00000003").is_dir()

@@ -67,7 +67,7 @@ def test_stops_from_the_first_second_to_shutdown_each_requeue_and_resume_equals_
     stop_step = int(stop_checkpoint.split("_")[1])
     assert 3 <= stop_step < RESUME_STEPS
     meta = json.loads((run_dir / "checkpoints" / stop_checkpoint / "bigmodel_meta.json").read_text())
-    assert meta["stop_reason"] == "signal" and meta["samples_seen"] == stop_step * 8
+    assert meta["train_state"]["stop_reason"] == "signal" and meta["train_state"]["samples_seen"] == stop_step * 8
     assert {f"random_states_{r}.pkl" for r in range(2)} <= set(meta["files"])  # both ranks saved at that step
     assert json.loads((run_dir / "STOPPED").read_text())["step"] == stop_step
 
