@@ -9,7 +9,8 @@ import argparse
 import os
 import sys
 
-from bigmodel_dist.errors import EXIT_USAGE, UserInputError
+from bigmodel_dist.errors import UserInputError
+from launcher.user_errors import report_user_errors
 
 OVERRIDES_HELP = "dotted overrides after the config, e.g. --train.max_steps=20 --deepspeed.config=zero3"
 
@@ -17,12 +18,7 @@ OVERRIDES_HELP = "dotted overrides after the config, e.g. --train.max_steps=20 -
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
-    try:
-        overrides = _split_overrides(extra)
-        return args.handler(args, overrides)
-    except UserInputError as exc:
-        print(f"bigmodel: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return report_user_errors(lambda: args.handler(args, _split_overrides(extra)))
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -22,9 +22,11 @@ from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
 from bigmodel_dist.precision import DeviceInfo
 from launcher.logs import setup_logging
+from launcher.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
 USAGE = "usage: python -m launcher.ray_job CONFIG [--section.field=value ...]"
+CONNECT_THREAD = "ray-connect"  # ray.init runs in it, under our own deadline
 
 
 def storage_path(cfg: Config, run_dir: Path) -> str:
@@ -92,21 +94,17 @@ def connect(cfg: Config) -> None:
         except BaseException as exc:  # handed to the main thread below
             outcome.append(exc)
 
-    worker = threading.Thread(target=join, name="ray-connect", daemon=True)
+    worker = threading.Thread(target=join, name=CONNECT_THREAD, daemon=True)
     worker.start()
     worker.join(cfg.ray.connect_timeout_s)
-    if not outcome:
-        raise RayConnectTimeout(f"no Ray cluster answered at {address!r} within ray.connect_timeout_s="
-                                f"{cfg.ray.connect_timeout_s:g}s; check the cluster (ray status) or set ray.address")
+    if not outcome:  # the thread keeps retrying: main() then exits without waiting for it
+        raise UserInputError(f"no Ray cluster answered at {address!r} within ray.connect_timeout_s="
+                             f"{cfg.ray.connect_timeout_s:g}s; check the cluster (ray status) or set ray.address")
     if outcome[0] is not None:
         exc = outcome[0]
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(f"no Ray cluster reachable at {address!r} ({first}); submit with `ray job submit` "
                              "to a running cluster or set ray.address") from None
-
-
-class RayConnectTimeout(UserInputError):
-    """Ray's connection thread is still retrying: the process must exit without waiting for it."""
 
 
 def build_trainer(resolved: ResolvedRun):
@@ -182,14 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return EXIT_USAGE
     setup_logging()
-    try:
-        return run(argv[0], argv[1:])
-    except UserInputError as exc:
-        print(f"bigmodel: error: {exc}", file=sys.stderr)
-        if isinstance(exc, RayConnectTimeout):
-            sys.stderr.flush()
-            os._exit(EXIT_USAGE)  # Ray's half-open connection would hold interpreter shutdown
-        return EXIT_USAGE
+    code = report_user_errors(lambda: run(argv[0], argv[1:]))
+    if any(thread.name == CONNECT_THREAD and thread.is_alive() for thread in threading.enumerate()):
+        sys.stdout.flush()
+        os._exit(code)  # Ray's half-open connection (still retrying) would hold interpreter shutdown
+    return code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
 from bigmodel_dist.precision import DeviceInfo
 from launcher.logs import setup_logging
+from launcher.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
 SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "pretrain_gpt.sh"
@@ -109,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m launcher.slurm preflight CONFIG [overrides]", file=sys.stderr)
         return EXIT_USAGE
     setup_logging()
-    try:
-        preflight(argv[1], argv[2:])
-    except UserInputError as exc:
-        print(f"bigmodel: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return report_user_errors(lambda: _preflight_exit_code(argv[1], argv[2:]))
+
+
+def _preflight_exit_code(config: str, overrides: list[str]) -> int:
+    preflight(config, overrides)
     return 0
 
 
