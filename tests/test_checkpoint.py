@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, TINY
-from .guards import HANG_GUARD_S
+from .cli import TINY_CONFIG, assert_one_line_error, run_cli
+from .conftest import TINY
 from .spawn import run_distributed, run_until_a_rank_dies
 from .workers import train_and_collect, train_and_crash
 
@@ -66,34 +64,26 @@ def test_retention_keeps_last_n_and_every_kth(tmp_path, data_cache):
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000007"
 
 
-def _train_cli(args: list[str], tmp_path: Path, env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(REPO / "configs" / "gpt2-tiny.yaml"),
-                           *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
-
-
-def _last_line_error(result, *needles) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("bigmodel: error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-
-
 def test_bad_checkpoints_and_mismatched_configs_are_refused(tmp_path, data_cache, cli_env):
-    base = [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=run", "--train.eval_every=0"]
-    assert _train_cli([*base, "--train.max_steps=2"], tmp_path, cli_env).returncode == 0
+    base = ["train", TINY_CONFIG, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=run",
+            "--train.eval_every=0"]
+
+    def refused(*args: str, needles: tuple[str, ...]) -> None:  # after the start-up it logged
+        assert_one_line_error(run_cli([*base, *args], cwd=tmp_path, env=cli_env), *needles, after_logs=True)
+
+    first = run_cli([*base, "--train.max_steps=2"], cwd=tmp_path, env=cli_env)
+    assert first.returncode == 0, first.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
     before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
 
-    _last_line_error(_train_cli([*base, f"--resume={tmp_path}"], tmp_path, cli_env), str(tmp_path), "bigmodel_meta.json")
-    _last_line_error(_train_cli([*base, "--resume=none"], tmp_path, cli_env), "checkpoint.resume=none", "step_00000002")
-    _last_line_error(_train_cli([*base, "--train.max_steps=4", "--model.vocab_size=1024"], tmp_path, cli_env),
-                     "step_00000002", "vocab_size")
+    refused(f"--resume={tmp_path}", needles=(str(tmp_path), "bigmodel_meta.json"))
+    refused("--resume=none", needles=("checkpoint.resume=none", "step_00000002"))
+    refused("--train.max_steps=4", "--model.vocab_size=1024", needles=("step_00000002", "vocab_size"))
     meta = json.loads((ckpt / "bigmodel_meta.json").read_text())
     newer = tmp_path / "newer"
     newer.mkdir()
     (newer / "bigmodel_meta.json").write_text(json.dumps({**meta, "format_version": 99}))
-    _last_line_error(_train_cli([*base, f"--resume={newer}"], tmp_path, cli_env), "format 99", "upgrade")
+    refused(f"--resume={newer}", needles=("format 99", "upgrade"))
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before  # nothing touched
 
 
