@@ -1,5 +1,6 @@
 """Slurm: `bigmodel launch slurm` submits slurm/pretrain_gpt.sh; `python -m launcher.slurm preflight`
-is what that script runs first on the batch node. The sbatch script stays thin; the logic lives here.
+is what that script runs first on the batch node (it prints the run's requeue exit code for the script).
+The sbatch script stays thin; the logic lives here.
 """
 
 from __future__ import annotations
@@ -110,11 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m launcher.slurm preflight CONFIG [overrides]", file=sys.stderr)
         return EXIT_USAGE
     setup_logging()
-    return report_user_errors(lambda: _preflight_exit_code(argv[1], argv[2:]))
+    return report_user_errors(lambda: _preflight_for_script(argv[1], argv[2:]))
 
 
-def _preflight_exit_code(config: str, overrides: list[str]) -> int:
-    preflight(config, overrides)
+def _preflight_for_script(config: str, overrides: list[str]) -> int:
+    """The pre-flight, with one line on stdout: the run's `checkpoint.requeue_exit_code`. The sbatch
+    script requeues the job when the training step exits with it, so the config is its one source."""
+    sys.stdout.flush()
+    for_script = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what else prints (a library) goes to the job log
+    resolved = preflight(config, overrides)
+    print(resolved.config.checkpoint.requeue_exit_code, file=for_script, flush=True)
     return 0
 
 

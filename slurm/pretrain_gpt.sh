@@ -3,8 +3,9 @@
 #
 # One srun task per node runs `bigmodel launch local`, which starts torchrun (c10d rendezvous on the
 # first node) and forwards stop signals to the workers. Preempted or near its time limit, the job saves
-# one checkpoint, exits 85 and is requeued; the run directory is keyed by the run name, so the requeued
-# job resumes where it stopped. Resources below are defaults: override them on the sbatch command line.
+# one checkpoint, exits with the config's checkpoint.requeue_exit_code (85 unless changed; the pre-flight
+# prints it) and is requeued; the run directory is keyed by the run name, so the requeued job resumes
+# where it stopped. Resources below are defaults: override them on the sbatch command line.
 #SBATCH --job-name=bigmodel-pretrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -16,7 +17,6 @@
 #SBATCH --output=slurm-%x-%j.out
 
 set -uo pipefail
-REQUEUE_EXIT_CODE=85                              # checkpoint.requeue_exit_code
 MAX_REQUEUES=${BIGMODEL_MAX_REQUEUES:-20}         # a job that keeps stopping is not requeued forever
 MODE=${BIGMODEL_SLURM_MODE:-torchrun}             # torchrun: one task per node | tasks: one task per GPU
 
@@ -35,7 +35,8 @@ NPROC_PER_NODE=${BIGMODEL_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 export MASTER_ADDR MASTER_PORT NPROC_PER_NODE
 
 # All checks live in Python: versions, node list, config, GPUs per node. Exit 2 = do not retry.
-python -m launcher.slurm preflight "$@" || exit $?
+# Its one line of output is the config's checkpoint.requeue_exit_code.
+REQUEUE_EXIT_CODE=$(python -m launcher.slurm preflight "$@") || exit $?
 
 if [[ "$MODE" == tasks ]]; then   # ranks from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS
     srun --ntasks-per-node="$NPROC_PER_NODE" --label python -m launcher.cli train "$@" &
