@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -19,9 +16,9 @@ from bigmodel_dist.data.loader import BatchLoader, micro_batch
 from bigmodel_dist.data.prepare import prepare_data
 from bigmodel_dist.data.sampler import ShuffledOrder
 from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.fileio import file_checksum
 
-from .conftest import REPO
-from .guards import HANG_GUARD_S
+from .cli import TINY_CONFIG, assert_one_line_error, run_cli
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -128,32 +125,25 @@ def test_resume_on_another_world_size_repeats_and_skips_nothing(before, after):
     assert sorted(consumed) == sorted(set(consumed)) and len(consumed) == 60  # 60 of 90: none twice
 
 
-def _prepare_cli(args: list[str], cwd: Path, env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", str(REPO / "configs" / "gpt2-tiny.yaml"),
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
-
-
-def _one_line_error(result, *needles) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip() and " INFO " not in line]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+PREPARE = ["prepare", TINY_CONFIG]
 
 
 def test_bad_inputs_give_one_line(tmp_path, cli_env):
+    def refused(path: Path, *needles: str) -> None:
+        result = run_cli([*PREPARE, f"--data.paths=[{path}]", f"--output_dir={tmp_path}"], cwd=tmp_path, env=cli_env)
+        assert_one_line_error(result, *needles)
+
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    _one_line_error(_prepare_cli([f"--data.paths=[{empty}]", f"--output_dir={tmp_path}"], tmp_path, cli_env),
-                    "empty.txt", "empty")
-    _one_line_error(_prepare_cli([f"--data.paths=[{tmp_path / 'absent'}]"], tmp_path, cli_env), "absent", "does not exist")
+    refused(empty, "empty.txt", "empty")
+    refused(tmp_path / "absent", "absent", "does not exist")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.parquet").write_bytes(b"PAR1 this is not parquet at all")
-    _one_line_error(_prepare_cli([f"--data.paths=[{broken}]"], tmp_path, cli_env), "x.parquet", "Parquet")
+    refused(broken, "x.parquet", "Parquet")
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text("{not json\n")
-    _one_line_error(_prepare_cli([f"--data.paths=[{bad_json}]"], tmp_path, cli_env), "bad.jsonl", "not JSON")
+    refused(bad_json, "bad.jsonl", "not JSON")
 
 
 def test_tokenizer_too_big_for_uint16_is_rejected(corpus, tmp_path, cli_env):
@@ -166,41 +156,56 @@ def test_tokenizer_too_big_for_uint16_is_rejected(corpus, tmp_path, cli_env):
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(str(tmp_path / "big"))
-    result = _prepare_cli([f"--data.paths=[{corpus}]", f"--data.tokenizer={tmp_path / 'big'}",
-                           "--data.token_dtype=uint16", "--model.vocab_size=70016", f"--output_dir={tmp_path}"],
-                          tmp_path, cli_env)
-    _one_line_error(result, "data.token_dtype", "70002")
-    result = _prepare_cli([f"--data.paths=[{corpus}]", f"--data.tokenizer={tmp_path / 'big'}",
-                           f"--output_dir={tmp_path}"], tmp_path, cli_env)
-    _one_line_error(result, "70002", "model.vocab_size")
+    args = [*PREPARE, f"--data.paths=[{corpus}]", f"--data.tokenizer={tmp_path / 'big'}", f"--output_dir={tmp_path}"]
+    result = run_cli([*args, "--data.token_dtype=uint16", "--model.vocab_size=70016"], cwd=tmp_path, env=cli_env)
+    assert_one_line_error(result, "data.token_dtype", "70002")
+    assert_one_line_error(run_cli(args, cwd=tmp_path, env=cli_env), "70002", "model.vocab_size")
+
+
+def _assert_prepared_as_promised(out: Path, seq_len: int) -> dict:
+    """meta.json's promises hold: every listed shard is there with its size and checksum, no other shard
+    is, and its counts are what the dataset opens. Returns the meta."""
+    meta = json.loads((out / "meta.json").read_text())
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    assert sorted(p.name for p in out.glob("shard-*.bin")) == sorted(info["file"] for info in meta["shards"])
+    for info in meta["shards"]:
+        shard = out / info["file"]
+        assert shard.stat().st_size == info["num_bytes"] == info["num_sequences"] * seq_len * itemsize, info
+        assert file_checksum(shard) == info["xxh3_128"], info
+    num_sequences = sum(info["num_sequences"] for info in meta["shards"])
+    assert meta["num_train_sequences"] + meta["num_val_sequences"] == num_sequences
+    assert meta["num_tokens"] == num_sequences * seq_len and meta["seq_len"] == seq_len
+    data = PackedDataset(out)
+    assert (len(data.train), len(data.val)) == (meta["num_train_sequences"], meta["num_val_sequences"])
+    return meta
 
 
 def test_prepared_data_for_another_config_is_refused_and_kept(corpus, tmp_path, cli_env):
     out = tmp_path / "prep"
-    assert _prepare_cli([f"--data.paths=[{corpus}]", "--data.seq_len=64", f"--out={out}",
-                         f"--output_dir={tmp_path}"], tmp_path, cli_env).returncode == 0
+    args = [*PREPARE, f"--data.paths=[{corpus}]", f"--out={out}", f"--output_dir={tmp_path}"]
+    first = run_cli([*args, "--data.seq_len=64"], cwd=tmp_path, env=cli_env)
+    assert first.returncode == 0, first.stderr[-3000:]
     snapshot = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    result = _prepare_cli([f"--data.paths=[{corpus}]", "--data.seq_len=128", f"--out={out}",
-                           f"--output_dir={tmp_path}"], tmp_path, cli_env)
-    _one_line_error(result, "meta.json", "seq_len=64", "128")
+    assert_one_line_error(run_cli([*args, "--data.seq_len=128"], cwd=tmp_path, env=cli_env),
+                          "meta.json", "seq_len=64", "128")
     other_tok = tmp_path / "othertok"
     PackedDataset(out).tokenizer().save_pretrained(str(other_tok))
     (other_tok / "tokenizer.json").write_text((other_tok / "tokenizer.json").read_text().replace('"<|endoftext|>"', '"<|eot|>"'))
-    result = _prepare_cli([f"--data.paths=[{corpus}]", "--data.seq_len=64", f"--out={out}", f"--data.tokenizer={other_tok}",
-                           f"--output_dir={tmp_path}"], tmp_path, cli_env)
-    _one_line_error(result, "meta.json", "tokenizer_fingerprint")
+    result = run_cli([*args, "--data.seq_len=64", f"--data.tokenizer={other_tok}"], cwd=tmp_path, env=cli_env)
+    assert_one_line_error(result, "meta.json", "tokenizer_fingerprint")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == snapshot
 
 
 def test_corrupt_and_truncated_shards_are_named(corpus, tmp_path, cli_env):
     out = tmp_path / "prep"
-    args = [f"--data.paths=[{corpus}]", "--data.seq_len=64", f"--out={out}", f"--output_dir={tmp_path}"]
-    assert _prepare_cli(args, tmp_path, cli_env).returncode == 0
+    args = [*PREPARE, f"--data.paths=[{corpus}]", "--data.seq_len=64", f"--out={out}", f"--output_dir={tmp_path}"]
+    first = run_cli(args, cwd=tmp_path, env=cli_env)
+    assert first.returncode == 0, first.stderr[-3000:]
     shard = out / "shard-00000.bin"
     payload = bytearray(shard.read_bytes())
     payload[100] ^= 0xFF
     shard.write_bytes(bytes(payload))
-    _one_line_error(_prepare_cli(args, tmp_path, cli_env), "shard-00000.bin", "checksum")
+    assert_one_line_error(run_cli(args, cwd=tmp_path, env=cli_env), "shard-00000.bin", "checksum")
     with pytest.raises(UserInputError, match="checksum"):
         PackedDataset(out)
     shard.write_bytes(bytes(payload[:-10]))
@@ -216,11 +221,17 @@ def test_prepare_then_train_two_ranks_zero2(corpus, tmp_path, cli_env):
     from .workers import train_and_collect
 
     out = tmp_path / "prep"
-    assert _prepare_cli([f"--data.paths=[{corpus}]", "--data.seq_len=128", "--data.max_bytes=400000", f"--out={out}",
-                         f"--output_dir={tmp_path}"], tmp_path, cli_env).returncode == 0
+    prepared = run_cli([*PREPARE, f"--data.paths=[{corpus}]", "--data.seq_len=128", "--data.max_bytes=400000",
+                        f"--out={out}", f"--output_dir={tmp_path}"], cwd=tmp_path, env=cli_env)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    meta = _assert_prepared_as_promised(out, seq_len=128)
+    assert prepared.stdout.strip() == (f"{out}: {meta['num_train_sequences']} train + {meta['num_val_sequences']} val "
+                                       "sequences of 128 tokens")
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     overrides = [*TINY, f"--output_dir={tmp_path}", f"--data.prepared_dir={out}", f"--data.paths=[{corpus}]",
                  "--deepspeed.config=zero2", "--train.max_steps=8", "--train.eval_every=4", "--name=e2e"]
     losses = run_distributed(train_and_collect, 2, overrides)[0]["losses"]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.1
-    assert os.listdir(out)  # training read the prepared folder; it did not rebuild elsewhere
+    # training read the prepared folder as it was (nothing rewritten or added) and built no other one
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == files
     assert not list(tmp_path.glob(".cache/prepared-*"))
