@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.model_presets import ModelShape, count_parameters, flops_per_token
+
+if TYPE_CHECKING:  # validate imports this module (model-state figures) when it runs
+    from bigmodel_dist.config.validate import ResolvedRun
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1.0 * GIB  # CUDA context + NCCL communicators + cuBLAS workspaces, per GPU (typical)
@@ -209,7 +212,8 @@ def recommend(plans: list[MemoryPlan]) -> MemoryPlan | None:
     return min(fitting, key=lambda p: p.step_time_s) if fitting else None
 
 
-def plan_run(resolved, hw: Hardware, activation_checkpointing: bool | None = None) -> list[MemoryPlan]:
+def plan_run(resolved: ResolvedRun, hw: Hardware, activation_checkpointing: bool | None = None
+             ) -> list[MemoryPlan]:
     """Plans of every variant for a resolved run (its model, precision, batch and buckets)."""
     cfg, ds = resolved.config, resolved.deepspeed_config
     zero = ds["zero_optimization"]
@@ -247,8 +251,10 @@ def variant_of(ds_config: dict[str, Any]) -> Variant:
     return Variant(int(zero.get("stage", 0)), optimizer or "none", params or "none")
 
 
-def fit_warning(resolved, hw: Hardware) -> str | None:
-    """A one-line warning when the run's own ZeRO variant will not fit `hw`, naming one that would."""
+def fit_warning(resolved: ResolvedRun, gpus: int, gpu_memory: float, nodes: int = 1) -> str | None:
+    """A one-line warning when the run's own ZeRO variant will not fit `gpus` GPUs of `gpu_memory` bytes
+    on `nodes` nodes, naming one that would: what `validate` and the launchers say before starting."""
+    hw = Hardware(gpus=gpus, nodes=nodes, gpu_memory=gpu_memory)
     plans = plan_run(resolved, hw)
     mine = next((p for p in plans if p.variant == variant_of(resolved.deepspeed_config).name), None)
     if mine is None or mine.fits:

@@ -158,11 +158,11 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 def _cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.config import load_config
     from bigmodel_dist.config.validate import resolve_run
-    from bigmodel_dist.planner import Hardware, fit_warning, parse_bytes
+    from bigmodel_dist.planner import fit_warning, parse_bytes
 
     resolved = resolve_run(load_config(args.config, overrides), args.world_size)
     print(format_summary(resolved))
-    warning = fit_warning(resolved, Hardware(gpus=args.world_size, gpu_memory=parse_bytes(args.gpu_memory, "--gpu-memory")))
+    warning = fit_warning(resolved, args.world_size, parse_bytes(args.gpu_memory, "--gpu-memory"))
     print(f"warning: {warning}" if warning else f"plan: fits GPUs of {args.gpu_memory} (bigmodel plan for details)")
     return 0
 

@@ -80,10 +80,10 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
     if device.has_cuda:
         import torch
 
-        from bigmodel_dist.planner import Hardware, fit_warning
+        from bigmodel_dist.planner import fit_warning
 
         memory = torch.cuda.get_device_properties(0).total_memory
-        warning = fit_warning(resolved, Hardware(gpus=nproc * args.nnodes, nodes=args.nnodes, gpu_memory=memory))
+        warning = fit_warning(resolved, nproc * args.nnodes, memory, nodes=args.nnodes)
         if warning:
             log.warning(warning)
     prepare_for(resolved)  # here, not in the workers: a progress bar, and input errors before torchrun

@@ -48,10 +48,10 @@ def launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
     device = DeviceInfo.gpu_target() if args.gpus_per_node else None
     resolved = resolve_run(load_config(args.config, overrides), args.nodes * per_node, device)
     if args.gpus_per_node:
-        from bigmodel_dist.planner import Hardware, fit_warning, parse_bytes
+        from bigmodel_dist.planner import fit_warning, parse_bytes
 
-        hw = Hardware(gpus=args.nodes * per_node, nodes=args.nodes, gpu_memory=parse_bytes(args.gpu_memory, "--gpu-memory"))
-        warning = fit_warning(resolved, hw)
+        gpu_memory = parse_bytes(args.gpu_memory, "--gpu-memory")
+        warning = fit_warning(resolved, args.nodes * per_node, gpu_memory, nodes=args.nodes)
         if warning:
             log.warning(warning)
     command = sbatch_command(args, overrides, resolved.run_dir)

@@ -153,3 +153,21 @@ def test_plan_never_crashes_on_valid_configs():
                     plans = plan_run(resolve_run(cfg, gpus, DeviceInfo.gpu_target()), hw)
                     assert len(plans) == 8 and all(p.gpu["total"] > 0 and p.step_time_s > 0 for p in plans)
                     assert format_table(plans, hw, recommend(plans))
+
+
+def test_fit_warning_names_a_variant_that_fits_or_says_none_does():
+    """What validate and the launchers print before a start: nothing when the run's variant fits."""
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.config.validate import resolve_run
+    from bigmodel_dist.planner import fit_warning
+    from bigmodel_dist.precision import DeviceInfo
+
+    seven_b = load_config(REPO / "configs" / "gpt2-tiny.yaml", [
+        "--model.preset=gpt2-7b", "--deepspeed.config=zero0", "--data.seq_len=2048",
+        "--train.global_batch_size=64", "--train.micro_batch_size=1"])
+    resolved = resolve_run(seven_b, 8, DeviceInfo.gpu_target())
+    warning = fit_warning(resolved, 8, 80 * GIB)
+    assert warning is not None and warning.startswith("plan: ZeRO-0 needs ") and "try ZeRO-" in warning
+    assert "no ZeRO variant fits" in fit_warning(resolved, 8, 1 * GIB)
+    tiny = resolve_run(load_config(REPO / "configs" / "gpt2-tiny.yaml"), 2, DeviceInfo.gpu_target())
+    assert fit_warning(tiny, 2, 80 * GIB, nodes=2) is None
