@@ -8,9 +8,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from bigmodel_dist.errors import UserInputError
+from launcher.run_inputs import prepare_for, resume_override
 from launcher.user_errors import report_user_errors
+
+if TYPE_CHECKING:
+    from bigmodel_dist.config.validate import ResolvedRun
+    from bigmodel_dist.planner import Hardware
 
 OVERRIDES_HELP = "dotted overrides after the config, e.g. --train.max_steps=20 --deepspeed.config=zero3"
 
@@ -105,11 +111,6 @@ def _split_overrides(extra: list[str]) -> list[str]:
     return extra
 
 
-def resume_override(args: argparse.Namespace) -> list[str]:
-    """`--resume X` is shorthand for `--checkpoint.resume=X`."""
-    return [f"--checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
-
-
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.distributed import STOP_FILE_ENV
     from bigmodel_dist.preemption import StopSignals
@@ -167,7 +168,7 @@ def _cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def hardware_from_args(args: argparse.Namespace):
+def hardware_from_args(args: argparse.Namespace) -> Hardware:
     from bigmodel_dist.planner import Hardware, parse_bytes
 
     if args.gpus < 1:
@@ -224,18 +225,7 @@ def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def prepare_for(resolved):
-    """Prepare the run's data in this process (progress bar here, errors before any process group)."""
-    from pathlib import Path
-
-    from bigmodel_dist.data.prepare import prepare_data
-
-    cfg = resolved.config
-    cache_dir = Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache")
-    return prepare_data(cfg.data, resolved.shape.vocab_size, cache_dir)
-
-
-def format_summary(resolved) -> str:
+def format_summary(resolved: ResolvedRun) -> str:
     cfg, layout = resolved.config, resolved.layout
     memory = resolved.model_state_bytes_per_rank()
     gib = 2**30

@@ -25,6 +25,7 @@ from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.precision import DeviceInfo, detect_device
 from bigmodel_dist.preemption import StopSignals
 from launcher.logs import setup_logging
+from launcher.run_inputs import prepare_for, resume_override
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
     nproc = args.nproc_per_node or default_nproc_per_node(device)
     if nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise UserInputError("--nproc-per-node and --nnodes must be >= 1 and 0 <= --node-rank < --nnodes")
-    from launcher.cli import prepare_for, resume_override
-
     overrides = [*overrides, *resume_override(args)]
     resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, device)
     requeue_code = resolved.config.checkpoint.requeue_exit_code

@@ -22,6 +22,7 @@ from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
 from bigmodel_dist.precision import DeviceInfo
 from launcher.logs import setup_logging
+from launcher.run_inputs import prepare_for
 from launcher.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,6 @@ def build_trainer(resolved: ResolvedRun):
 
 
 def run(config_path: str, overrides: list[str]) -> int:
-    from launcher.cli import prepare_for
-
     cfg = load_config(config_path, overrides)
     check_output_dir(cfg)
     resolved = resolve_run(cfg, cfg.ray.num_workers, ray_workers_device(cfg))
