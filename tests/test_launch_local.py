@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -11,15 +10,10 @@ import yaml
 
 from bigmodel_dist.checkpoint.integrity import DS_TAG
 
+from .cli import TINY_CONFIG, run_cli, run_command
 from .conftest import REPO
-from .guards import HANG_GUARD_S
 
 pytestmark = pytest.mark.distributed
-
-
-def _run(argv: list[str], cwd, env, timeout=HANG_GUARD_S) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
 
 def _check_run_dir(run_dir, steps: int, stage: int) -> list[dict]:
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == steps
@@ -28,9 +22,10 @@ def _check_run_dir(run_dir, steps: int, stage: int) -> list[dict]:
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
     ckpt = run_dir / "checkpoints" / f"step_{steps:08d}"
     meta = json.loads((ckpt / "bigmodel_meta.json").read_text())
-    assert meta["step"] == steps and meta["samples_seen"] == steps * 8 and meta["zero_stage"] == stage
+    assert meta["step"] == steps and meta["train_state"]["samples_seen"] == steps * 8 and meta["zero_stage"] == stage
+    assert meta["world_size"] == 2 and {"random_states_0.pkl", "random_states_1.pkl"} <= set(meta["files"])
     assert set(meta["files"]) == {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"bigmodel_meta.json"}
-    assert list((ckpt / DS_TAG).glob("*model_states.pt"))  # ZeRO-3 names one per rank
+    assert len(list((ckpt / DS_TAG).glob("*model_states.pt"))) == (2 if stage == 3 else 1)  # ZeRO-3: one per rank
     assert len(list((ckpt / DS_TAG).glob("*optim_states.pt"))) == (2 if stage > 0 else 1)
     assert json.loads((run_dir / "COMPLETED").read_text())["step"] == steps
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -38,9 +33,9 @@ def _check_run_dir(run_dir, steps: int, stage: int) -> list[dict]:
 
 
 def test_launch_local_two_processes(tmp_path, tiny_overrides, cli_env):
-    result = _run([sys.executable, "-m", "launcher.cli", "launch", "local", str(REPO / "configs" / "gpt2-tiny.yaml"),
-                   "--nproc-per-node=2", *tiny_overrides, "--train.max_steps=6", "--train.eval_every=3",
-                   "--checkpoint.every=3", "--logging.wandb_mode=offline", "--name=local"], REPO, cli_env)
+    result = run_cli(["launch", "local", TINY_CONFIG, "--nproc-per-node=2", *tiny_overrides, "--train.max_steps=6",
+                      "--train.eval_every=3", "--checkpoint.every=3", "--logging.wandb_mode=offline", "--name=local"],
+                     env=cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "local"
     records = _check_run_dir(run_dir, steps=6, stage=2)
@@ -51,15 +46,19 @@ def test_launch_local_two_processes(tmp_path, tiny_overrides, cli_env):
     assert [r["step"] for r in records if "eval/loss" in r] == [3, 6]
     assert (run_dir / "checkpoints" / "step_00000003").is_dir()
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
-    assert "[rank 1/2]" not in result.stderr.split("launching", 1)[-1].split("INFO")[0]  # rank 1 stays quiet
-    assert "done: checkpoints in" in result.stderr
+    # two processes, one process group: torchrun started 2, both joined; rank 0 reports, rank 1 only warns
+    log = result.stderr.splitlines()
+    assert any("launching 2 process(es) on this node" in line for line in log)
+    for news in ("process group ready: 2 rank(s)", "done: checkpoints in"):
+        assert any("[rank 0/2] INFO " in line and news in line for line in log), news
+    rank1_progress = [line for line in log if "[rank 1/2] INFO " in line]
+    assert not rank1_progress, rank1_progress[:5]
 
 
 def test_accelerate_launch_runs_the_same_trainer(tmp_path, tiny_overrides, cli_env):
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(REPO / "configs" / "accelerate" / "zero3.yaml"), "-m", "launcher.cli", "train",
-                  str(REPO / "configs" / "gpt2-tiny.yaml")]
-    result = _run([*accelerate, *tiny_overrides, "--train.max_steps=3", "--train.eval_every=0", "--name=acc"],
-                  REPO, cli_env)
+                  str(REPO / "configs" / "accelerate" / "zero3.yaml"), "-m", "launcher.cli", "train", TINY_CONFIG]
+    result = run_command([*accelerate, *tiny_overrides, "--train.max_steps=3", "--train.eval_every=0", "--name=acc"],
+                         env=cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     _check_run_dir(tmp_path / "acc", steps=3, stage=3)
