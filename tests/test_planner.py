@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -12,8 +10,8 @@ from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.model_presets import count_parameters, model_shape
 from bigmodel_dist.planner import GIB, Variant, model_states, parse_bytes
 
+from .cli import assert_one_line_error, run_cli
 from .conftest import REPO
-from .guards import HANG_GUARD_S
 
 PSI = 1_000_000
 
@@ -78,25 +76,23 @@ def test_memory_strings():
             parse_bytes(bad, "--gpu-memory")
 
 
-def _plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "plan", "configs/gpt2-tiny.yaml", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+PLAN = ["plan", "configs/gpt2-tiny.yaml"]  # relative: run_cli runs in the repository
 
 
 def test_plan_cli_recommends_and_prints_json():
     seven_b = ["--model.preset=gpt2-7b", "--data.seq_len=2048", "--train.global_batch_size=64",
                "--train.micro_batch_size=1"]
-    table = _plan("--gpus", "8", *seven_b)
+    table = run_cli([*PLAN, "--gpus", "8", *seven_b])
     assert table.returncode == 0, table.stderr
     assert "recommended: ZeRO-" in table.stdout and "ZeRO-0" in table.stdout
-    result = json.loads(_plan("--gpus", "8", "--json", *seven_b).stdout)
+    result = json.loads(run_cli([*PLAN, "--gpus", "8", "--json", *seven_b]).stdout)
     by_name = {p["variant"]: p for p in result["plans"]}
     assert not by_name["ZeRO-0"]["fits"]  # 16 x 6.7B bytes is far over 80 GiB
     assert by_name["ZeRO-3"]["fits"] and by_name["ZeRO-3"]["max_micro_batch"] >= 1
     assert result["recommended"] in by_name and by_name[result["recommended"]]["fits"]
     # fits nowhere: a 7B model on one 8 GiB GPU at micro-batch 8, whatever is offloaded
-    nowhere = _plan("--gpus", "1", "--gpu-memory", "8GiB", *seven_b[:1], "--data.seq_len=2048",
-                    "--train.global_batch_size=8", "--train.micro_batch_size=8")
+    nowhere = run_cli([*PLAN, "--gpus", "1", "--gpu-memory", "8GiB", *seven_b[:1], "--data.seq_len=2048",
+                       "--train.global_batch_size=8", "--train.micro_batch_size=8"])
     assert nowhere.returncode == 0 and "recommended: none fits" in nowhere.stdout
 
 
@@ -107,8 +103,7 @@ def test_plan_cli_recommends_and_prints_json():
     (["--gpus", "3"], "config field train.global_batch_size"),
 ])
 def test_plan_cli_errors_are_one_line(args, message):
-    result = _plan(*args)
-    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert_one_line_error(run_cli([*PLAN, *args]), message)
 
 
 def _measured_over_planned(preset: str, precision: str) -> dict[int, float]:
@@ -152,7 +147,9 @@ def test_plan_never_crashes_on_valid_configs():
                     hw = Hardware(gpus=gpus, nodes=nodes, gpu_memory=24 * GIB)
                     plans = plan_run(resolve_run(cfg, gpus, DeviceInfo.gpu_target()), hw)
                     assert len(plans) == 8 and all(p.gpu["total"] > 0 and p.step_time_s > 0 for p in plans)
-                    assert format_table(plans, hw, recommend(plans))
+                    rows = format_table(plans, hw, recommend(plans)).splitlines()
+                    assert [row.split("  ")[0] for row in rows[3:11]] == [p.variant for p in plans]  # a row each
+                    assert rows[11].startswith("recommended: ")
 
 
 def test_fit_warning_names_a_variant_that_fits_or_says_none_does():
