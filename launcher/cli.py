@@ -10,9 +10,9 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.errors import EXIT_RUN_FAILED, RunFailedError, UserInputError
 from launcher.run_inputs import prepare_for, resume_override
-from launcher.user_errors import report_user_errors
+from launcher.user_errors import print_error, report_user_errors
 
 if TYPE_CHECKING:
     from bigmodel_dist.config.validate import ResolvedRun
@@ -121,7 +121,6 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     clock = StartupClock()
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
     from bigmodel_dist.distributed import facts_from_env, torchrun_env_from_slurm
     from launcher.logs import setup_logging
 
@@ -142,13 +141,15 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     signals.watch(cfg.checkpoint.stop_signals)
     clock.dump_stacks_after(cfg.logging.startup_stacks_after_s)  # a stuck import shows where it waits
-    resolved = resolve_run(cfg, facts.world_size)
-    from bigmodel_dist.trainer import Trainer
+    from bigmodel_dist.session import run_training
 
     clock.mark("imports + config")
-    trainer = Trainer(resolved, facts, stop_signals=signals, clock=clock)
-    state = trainer.train()
-    trainer.close()
+    try:
+        state = run_training(cfg, facts, signals=signals, clock=clock)
+    except RunFailedError as exc:  # e.g. a full disk: one line naming the rank, path and cause
+        if facts.is_main or not exc.on_every_rank:
+            print_error(exc)
+        return EXIT_RUN_FAILED
     if not (state.stop_reason or signals.received):
         return 0
     # `launch local` reads the run's STOPPED marker and exits with the requeue code itself; a worker's

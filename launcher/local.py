@@ -40,7 +40,7 @@ def default_nproc_per_node(device: DeviceInfo) -> int:
 
 
 def torchrun_command(args: argparse.Namespace, nproc_per_node: int, overrides: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    command = [sys.executable, "-m", "launcher.torchrun", f"--nproc-per-node={nproc_per_node}"]
     if args.nnodes == 1:
         command += ["--standalone"]
     else:

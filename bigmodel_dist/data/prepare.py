@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bigmodel_dist.config.schema import DataConfig
+from bigmodel_dist.config.schema import Config, DataConfig
 from bigmodel_dist.data.sources import check_input_files, input_files, load_text_dataset, source_fingerprint
 from bigmodel_dist.data.tokenizer import (
     load_tokenizer,
@@ -47,7 +47,7 @@ def cache_dir_of(data_cfg: DataConfig, output_dir: str) -> Path:
     return Path(data_cfg.cache_dir or Path(output_dir) / ".cache")
 
 
-def prepare_for_run(config, vocab_size: int, progress: bool = True) -> Path:
+def prepare_for_run(config: Config, vocab_size: int, progress: bool = True) -> Path:
     """The prepared folder of a run config (`Config`): what `bigmodel prepare`, the launchers and every
     rank call, so all of them find the same folder."""
     return prepare_data(config.data, vocab_size, cache_dir_of(config.data, config.output_dir), progress=progress)
