@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -14,8 +13,8 @@ import pytest
 
 from bigmodel_dist.checkpoint.integrity import DS_TAG
 
-from .conftest import REPO, TINY
-from .guards import HANG_GUARD_S
+from .cli import assert_one_line_error, run_cli, run_command
+from .conftest import TINY
 from .spawn import run_distributed
 from .workers import train_and_collect
 
@@ -61,15 +60,9 @@ def trained(tmp_path_factory, data_cache):
     return get
 
 
-def _export(checkpoint: Path, out: Path, env, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "export", str(checkpoint), str(out), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
-
-
 def _load_and_run(folder: Path, env) -> dict:
     dest = folder.parent / f"{folder.name}-logits.npz"
-    result = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(folder), str(dest)], env=env,
-                            capture_output=True, text=True, timeout=HANG_GUARD_S)
+    result = run_command([sys.executable, "-c", LOAD_AND_RUN, str(folder), str(dest)], env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(np.load(dest))
 
@@ -94,7 +87,7 @@ def _reference_logits(checkpoint: Path, params: dict, ids: np.ndarray) -> np.nda
 def test_export_loads_in_transformers_with_the_training_logits(trained, tmp_path, cli_env, stage, precision, atol):
     checkpoint, params = trained(stage, precision)
     out = tmp_path / "hf"
-    result = _export(checkpoint, out, cli_env)
+    result = run_cli(["export", str(checkpoint), str(out)], env=cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == str(out)  # stdout carries the folder only; DeepSpeed's chatter goes to stderr
     assert "writing weights" in result.stderr
@@ -123,43 +116,39 @@ def test_bf16_export_in_several_shards(trained, tmp_path, cli_env, monkeypatch):
     np.testing.assert_allclose(got["logits"], reference, rtol=0, atol=tolerance)
 
 
-def _refused(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr[-2000:]
-    assert result.stderr.startswith("bigmodel: error:"), result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
-
-
 def test_bad_inputs_are_refused_in_one_line(trained, tmp_path, cli_env):
     checkpoint, _ = trained(3, "fp32")
+
+    def refused(source: Path, out: Path, *needles: str) -> None:
+        assert_one_line_error(run_cli(["export", str(source), str(out)], env=cli_env), *needles)
+
     notes = tmp_path / "notes"
     notes.mkdir()
-    _refused(_export(notes, tmp_path / "a", cli_env), str(notes), "not a bigmodel checkpoint")
-    _refused(_export(tmp_path / "nowhere", tmp_path / "a", cli_env), str(tmp_path / "nowhere"), "not a bigmodel")
+    refused(notes, tmp_path / "a", str(notes), "not a bigmodel checkpoint")
+    refused(tmp_path / "nowhere", tmp_path / "a", str(tmp_path / "nowhere"), "not a bigmodel")
 
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "mine.txt").write_text("keep me")
-    _refused(_export(checkpoint, occupied, cli_env), str(occupied), "pick a new output folder")
+    refused(checkpoint, occupied, str(occupied), "pick a new output folder")
     assert [p.name for p in occupied.iterdir()] == ["mine.txt"] and (occupied / "mine.txt").read_text() == "keep me"
 
     truncated = tmp_path / "truncated"
     shutil.copytree(checkpoint, truncated)
     victim = max((truncated / DS_TAG).glob("*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:-100])
-    _refused(_export(truncated, tmp_path / "a", cli_env), str(truncated), victim.name, "truncated")
+    refused(truncated, tmp_path / "a", str(truncated), victim.name, "truncated")
 
     untokenized = tmp_path / "untokenized"  # saved before checkpoints carried their tokenizer
     shutil.copytree(checkpoint, untokenized, ignore=shutil.ignore_patterns("tokenizer"))
     meta = json.loads((untokenized / "bigmodel_meta.json").read_text())
     meta["files"] = {rel: info for rel, info in meta["files"].items() if not rel.startswith("tokenizer/")}
     (untokenized / "bigmodel_meta.json").write_text(json.dumps(meta))
-    _refused(_export(untokenized, tmp_path / "a", cli_env), str(untokenized), "no tokenizer/", "data.cache_dir")
+    refused(untokenized, tmp_path / "a", str(untokenized), "no tokenizer/", "data.cache_dir")
 
     newer = tmp_path / "newer"
     newer.mkdir()
     meta = json.loads((checkpoint / "bigmodel_meta.json").read_text())
     (newer / "bigmodel_meta.json").write_text(json.dumps({**meta, "format_version": 99}))
-    _refused(_export(newer, tmp_path / "a", cli_env), str(newer), "format 99", "upgrade")
+    refused(newer, tmp_path / "a", str(newer), "format 99", "upgrade")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.partial*"))
