@@ -32,8 +32,6 @@ MODEL = ["--model.vocab_size=8192", "--data.max_bytes=4000000", "--data.seq_len=
 
 
 def _worker(args: argparse.Namespace) -> None:
-    import torch
-    import torch.distributed as dist
 
     from bigmodel_dist.config import load_config
     from bigmodel_dist.distributed import facts_from_env

@@ -25,7 +25,6 @@ GOAL = 1.03
 
 
 def _worker(args: argparse.Namespace) -> None:
-    import torch
 
     from bigmodel_dist.config import load_config
     from bigmodel_dist.distributed import facts_from_env

@@ -76,14 +76,14 @@ def facts_from_env(env: Mapping[str, str] | None = None) -> DistributedFacts:
     )
 
 
-def broadcast_from_rank0(value: T) -> T:
+def broadcast_from_rank0(value: T | None) -> T:
     """Rank 0's `value` on every rank (what other ranks pass is ignored; None will do).
 
     Collective: every rank calls it. The value is pickled, so keep it small (a decision, a list of names).
     """
     import torch.distributed as dist
 
-    box = [value]
+    box: list[Any] = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

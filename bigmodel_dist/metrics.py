@@ -13,13 +13,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from bigmodel_dist.config.schema import LoggingConfig
 from bigmodel_dist.fileio import write_text_atomically
 from bigmodel_dist.metrics_file import read_metrics
 
 log = logging.getLogger(__name__)
+WandbMode = Literal["online", "offline", "disabled"]  # logging.wandb_mode, checked by the config schema
 
 # Dense bf16 peak per device (TFLOP/s), for MFU. Matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
@@ -97,6 +98,7 @@ class MetricsLogger:
             log.info("step %d %s", step, line)
 
     def _write(self, record: dict) -> None:
+        assert self._file is not None, "only rank 0 writes metrics.jsonl"
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a killed process loses nothing it logged
 
@@ -134,7 +136,7 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def start_wandb(run_dir: Path, logging_cfg: LoggingConfig, config: dict, run_id: str):
+def start_wandb(run_dir: Path, logging_cfg: LoggingConfig, config: dict, run_id: str | None):
     mode = logging_cfg.wandb_mode
     if mode == "disabled":
         return None
@@ -148,7 +150,7 @@ def start_wandb(run_dir: Path, logging_cfg: LoggingConfig, config: dict, run_id:
 
             return wandb.init(
                 project=logging_cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
-                mode=attempt, config=config,
+                mode=cast(WandbMode, attempt), config=config,
                 settings=wandb.Settings(init_timeout=logging_cfg.wandb_init_timeout_s, console="off", silent=True),
             )
         except Exception as exc:  # W&B must never be the reason training stops

@@ -75,7 +75,8 @@ def _gathered_for_write(param: torch.nn.Parameter):
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only; biases, norms (1-D tensors) are not decayed."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if not param.requires_grad:
             continue

@@ -169,7 +169,7 @@ def step_time(shape: ModelShape, num_params: int, seq_len: int, tokens_per_gpu_s
     flops = flops_per_token(shape, seq_len) * tokens_per_gpu_step
     compute = flops * (4 / 3 if checkpointing else 1.0) / (hw.peak_tflops * 1e12 * ASSUMED_COMPUTE_EFFICIENCY)
     bytes_per = 2 if _mixed(precision) else 4
-    volume = 2 * num_params * bytes_per  # reduce-scatter + all-gather of gradients/params per step
+    volume = 2.0 * num_params * bytes_per  # reduce-scatter + all-gather of gradients/params per step
     if variant.stage == 3:
         volume *= 1.5  # params gathered twice (forward, backward) + gradients reduced
     bandwidth = (hw.inter_node_gbps if hw.nodes > 1 else hw.intra_node_gbps) * 1e9

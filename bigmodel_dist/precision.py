@@ -52,7 +52,7 @@ def cpu_name_and_flags(cpuinfo: str | None = None) -> tuple[str, set[str]]:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return _cpu_from_torch()
-    name, flags = "unknown", set()
+    name, flags = "unknown", set[str]()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
@@ -66,7 +66,7 @@ def cpu_name_and_flags(cpuinfo: str | None = None) -> tuple[str, set[str]]:
 def _cpu_from_torch() -> tuple[str, set[str]]:
     import torch
 
-    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    capabilities: dict[str, object] = getattr(torch.cpu, "get_capabilities", dict)()
     return str(capabilities.get("cpu_name", "unknown")), {k for k, v in capabilities.items() if v is True}
 
 

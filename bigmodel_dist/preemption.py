@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from bigmodel_dist.config.schema import CheckpointConfig
 
@@ -40,7 +41,7 @@ class StopSignals:
         self._received: str | None = None
         self._stop_file = stop_file
         self._on_signal_hook = on_signal  # e.g. a launcher passing the request on to its workers
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # signal -> the handler before ours
         self.watch(signal_names)
 
     def watch(self, signal_names: tuple[str, ...] | list[str]) -> None:

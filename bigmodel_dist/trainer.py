@@ -127,7 +127,6 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, self.cfg.checkpoint, facts)
         self._resources.callback(self.checkpoints.close)
         resume = self.checkpoints.choose_resume(self.cfg.checkpoint.resume)
-        load_from = None
         if resume is not None:
             check_resumable(resume, resolved)
             load_from = self._loadable_copy(resume, accelerator)

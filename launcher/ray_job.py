@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from bigmodel_dist.config import load_config
 from bigmodel_dist.config.loader import to_dict
@@ -102,8 +103,8 @@ def connect(cfg: Config) -> None:
         raise UserInputError(f"no Ray cluster answered at {address!r} within ray.connect_timeout_s="
                              f"{cfg.ray.connect_timeout_s:g}s; check the cluster (ray status) or set ray.address")
     if outcome[0] is not None:
-        exc = outcome[0]
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        failure = outcome[0]
+        first = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
         raise UserInputError(f"no Ray cluster reachable at {address!r} ({first}); submit with `ray job submit` "
                              "to a running cluster or set ray.address") from None
 
@@ -119,7 +120,7 @@ def build_trainer(resolved: ResolvedRun):
 
     cfg, run_dir = resolved.config, resolved.run_dir
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})}
-    callbacks = []
+    callbacks: list[Any] = []  # ray.tune.Callback
     if cfg.logging.wandb_mode != "disabled":
         callbacks.append(WandbOnController(run_dir, cfg.logging, to_dict(cfg), wandb_run_id(run_dir),
                                            read_metrics(run_dir / "metrics.jsonl").last_step()))

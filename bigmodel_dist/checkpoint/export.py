@@ -70,7 +70,7 @@ def _checked_meta(checkpoint: Path) -> dict[str, Any]:
         raise UserInputError(f"{checkpoint} is not a bigmodel checkpoint ({found}); pass a step folder "
                              "such as runs/NAME/checkpoints/step_00000100")
     meta, problem = read_checkpoint_meta(checkpoint)
-    if problem is not None:
+    if meta is None:
         raise UserInputError(f"checkpoint {checkpoint}: {problem}")
     # Sizes, not checksums: they catch missing and truncated files without reading every byte twice.
     problem = check_files(checkpoint, meta["files"], sorted(meta["files"]), with_checksums=False)

@@ -135,7 +135,7 @@ class CheckpointManager:
         self._apply_retention()
         log.info("committed checkpoint %s", final)
 
-    def _write_failed(self, partial: Path, exc: OSError) -> RunFailedError:
+    def _write_failed(self, partial: Path, exc: Exception) -> RunFailedError:
         return RunFailedError(f"rank {self.facts.rank}: writing checkpoint {partial} failed: "
                               f"{write_error(partial, exc)}; {FAILURE_ADVICE.format(dir=self.dir)}")
 
@@ -186,32 +186,32 @@ class CheckpointManager:
             return None
         explicit = resume != "latest"
         candidates = [Path(resume)] if explicit else step_dirs(self.dir)
-        candidates = broadcast_from_rank0([str(p) for p in candidates] if self.facts.is_main else None)
-        for candidate in map(Path, candidates):
-            problem, meta = self._verify(candidate)
-            if problem is None:
-                return ResumePoint(candidate, meta)
+        names = broadcast_from_rank0([str(p) for p in candidates] if self.facts.is_main else None)
+        for candidate in map(Path, names):
+            verdict = self._verify(candidate)
+            if isinstance(verdict, dict):
+                return ResumePoint(candidate, verdict)
+            problem = verdict
             if explicit:
                 raise UserInputError(f"checkpoint {candidate}: {problem}; pass another --resume or latest")
             if self.facts.is_main:
                 log.warning("checkpoint %s is unusable (%s); trying the previous one", candidate, problem)
         return None
 
-    def _verify(self, candidate: Path) -> tuple[str | None, dict | None]:
-        """Rank 0 reads the metadata; every rank checks its share of the files; any problem rejects it."""
+    def _verify(self, candidate: Path) -> dict[str, Any] | str:
+        """Its metadata if usable, else the problem. Rank 0 reads the metadata; every rank checks its share
+        of the files; any problem rejects it."""
         found = None
         if self.facts.is_main:
-            meta, problem = (None, "is not a directory") if not candidate.is_dir() else read_checkpoint_meta(candidate)
-            found = (meta, problem)
+            found = (None, "is not a directory") if not candidate.is_dir() else read_checkpoint_meta(candidate)
         meta, problem = broadcast_from_rank0(found)
-        if problem is not None:
-            return problem, None
+        if meta is None:
+            return problem or "unreadable metadata"
         names = sorted(meta["files"])
         mine = check_files(candidate, meta["files"], names[self.facts.rank :: self.facts.world_size])
         problems: list[str | None] = [None] * self.facts.world_size
         dist.all_gather_object(problems, mine)
-        first = next((p for p in problems if p), None)
-        return first, (None if first else meta)
+        return next((p for p in problems if p), meta)
 
 
 def check_resumable(resume: ResumePoint, resolved: ResolvedRun) -> None:
@@ -229,7 +229,7 @@ def check_resumable(resume: ResumePoint, resolved: ResolvedRun) -> None:
 def newest_committed(run_dir: Path) -> ResumePoint | None:
     """The newest step directory with readable metadata (no checksums: a quick look, e.g. pre-flight)."""
     for path in step_dirs(run_dir / "checkpoints"):
-        meta, problem = read_checkpoint_meta(path)
-        if problem is None:
+        meta, _ = read_checkpoint_meta(path)
+        if meta is not None:
             return ResumePoint(path, meta)
     return None

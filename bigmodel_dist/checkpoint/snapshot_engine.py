@@ -25,11 +25,11 @@ def snapshot(value: Any) -> Any:
 
 
 class SnapshotCheckpointEngine(TorchCheckpointEngine):
-    def __init__(self, config_params=None):
+    def __init__(self, config_params: Any = None) -> None:
         super().__init__(config_params)
         self.pending: list[tuple[Any, str]] = []
 
-    def save(self, state_dict, path: str):
+    def save(self, state_dict: Any, path: str) -> None:
         self.pending.append((snapshot(state_dict), path))
 
     def take_pending(self) -> list[tuple[Any, str]]:

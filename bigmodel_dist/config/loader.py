@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from bigmodel_dist.errors import ConfigError, UserInputError
 from bigmodel_dist.fileio import write_text_atomically
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Build the checked Config from an optional YAML file and `key.sub=value` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -101,7 +102,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _coerce(annotation: Any, value: Any, path: str) -> Any:
     """Convert a parsed YAML value to the annotated type, or raise naming the field."""
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return _build(annotation, value, prefix=f"{path}.")
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
