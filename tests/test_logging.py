@@ -4,16 +4,14 @@ metrics.jsonl deduplication, secrets, plots. Real DeepSpeed training (CPU, gloo)
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bigmodel_dist.metrics_file import read_metrics
 
-from .conftest import REPO, TINY
-from .guards import HANG_GUARD_S
+from .cli import TINY_CONFIG, run_cli
+from .conftest import TINY
 from .spawn import run_distributed, run_until_a_rank_dies
 from .workers import train_and_collect, train_and_crash
 
@@ -46,7 +44,7 @@ def test_kill_and_resume_continue_one_wandb_run_and_one_metrics_history(tmp_path
     runs = _wandb_runs(run_dir)
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the same W&B run, continued
     meta = json.loads((run_dir / "checkpoints" / "step_00000008" / "bigmodel_meta.json").read_text())
-    assert meta["wandb_run_id"] == run_id
+    assert meta["train_state"]["wandb_run_id"] == run_id
 
     history = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in history.restarts] == [3]
@@ -61,8 +59,7 @@ def test_kill_and_resume_continue_one_wandb_run_and_one_metrics_history(tmp_path
     first_losses = [r["loss"] for r in logged if "loss" in r]
     assert all(json.dumps(v).encode() in runs[0].joinpath(f"run-{run_id}.wandb").read_bytes() for v in first_losses)
 
-    plot = subprocess.run([sys.executable, "-m", "launcher.cli", "plot", str(run_dir)], cwd=REPO, env=cli_env,
-                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+    plot = run_cli(["plot", str(run_dir)], env=cli_env)
     assert plot.returncode == 0, plot.stderr
     png = run_dir / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
@@ -73,10 +70,8 @@ def test_unreachable_wandb_server_and_secrets(tmp_path, data_cache, cli_env):
 
     secret = "secret-value-7f3a9c"
     env = {**cli_env, "WANDB_API_KEY": secret, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}"}
-    result = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "train", str(REPO / "configs" / "gpt2-tiny.yaml"),
-         *_overrides(tmp_path, data_cache, 3, "--logging.wandb_mode=online", "--logging.wandb_init_timeout_s=5")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    result = run_cli(["train", TINY_CONFIG, *_overrides(tmp_path, data_cache, 3, "--logging.wandb_mode=online",
+                                                       "--logging.wandb_init_timeout_s=5")], cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "W&B online start failed" in result.stderr
     run_dir = tmp_path / "run"
@@ -92,9 +87,7 @@ def test_broken_wandb_dir_and_corrupt_metrics_line_do_not_stop_training(tmp_path
     run_dir.mkdir()
     (run_dir / "wandb").write_text("a file where W&B wants its folder")
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n{not json, a torn line\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "train", str(REPO / "configs" / "gpt2-tiny.yaml"),
-         *_overrides(tmp_path, data_cache, 2)], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    result = run_cli(["train", TINY_CONFIG, *_overrides(tmp_path, data_cache, 2)], cwd=tmp_path, env=cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "W&B disabled for this run" in result.stderr
     history = read_metrics(run_dir / "metrics.jsonl")
