@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from .cluster.fixtures import ray_cluster, slurm_cluster  # noqa: F401  (real local clusters, session-wide)
-from .guards import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +54,7 @@ RESUME_RUN = [*TINY, "--train.eval_every=0", "--checkpoint.every=0", f"--train.m
 @pytest.fixture(scope="session")
 def straight_losses(tmp_path_factory, data_cache) -> Callable[[int], dict[int, float]]:
     """`straight_losses(stage)`: per-step losses of RESUME_RUN uninterrupted (launch local, 2 ranks)."""
+    from .cli import run_command
     from .launching import launch_local_command, losses
 
     done: dict[int, dict[int, float]] = {}
@@ -65,7 +64,7 @@ def straight_losses(tmp_path_factory, data_cache) -> Callable[[int], dict[int, f
             out = tmp_path_factory.mktemp(f"straight-zero{stage}")
             command = launch_local_command(*RESUME_RUN, f"--output_dir={out}", f"--data.cache_dir={data_cache}",
                                            "--name=straight", f"--deepspeed.config=zero{stage}")
-            result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+            result = run_command(command)
             assert result.returncode == 0, result.stderr[-3000:]
             done[stage] = losses(out / "straight")
             assert sorted(done[stage]) == list(range(1, RESUME_STEPS + 1))

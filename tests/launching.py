@@ -10,18 +10,17 @@ import json
 import queue
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+from .cli import TINY_CONFIG, cli_command
 from .conftest import REPO
 from .guards import HANG_GUARD_S
 
 
 def launch_local_command(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "launcher.cli", "launch", "local", str(REPO / "configs" / "gpt2-tiny.yaml"),
-            "--nproc-per-node=2", *overrides]
+    return cli_command(["launch", "local", TINY_CONFIG, "--nproc-per-node=2", *overrides])
 
 
 class Launch:
