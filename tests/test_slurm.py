@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import platform
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import pytest
 from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.metrics_file import read_metrics
 
+from .cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 from .conftest import REPO, TINY
 from .guards import HANG_GUARD_S
 
@@ -22,10 +23,9 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 
 
 def _submit(tmp_path: Path, data_cache: Path, env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "slurm", str(REPO / "configs" / "gpt2-tiny.yaml"),
-                           *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
-                           "--train.eval_every=0", "--logging.wandb_mode=disabled", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    """`bigmodel launch slurm` of the tiny run; `args`: its flags and overrides."""
+    return run_cli(["launch", "slurm", TINY_CONFIG, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+                    "--train.eval_every=0", "--logging.wandb_mode=disabled", *args], env=env)
 
 
 def _job_id(result: subprocess.CompletedProcess) -> str:
@@ -62,8 +62,9 @@ def test_one_node_two_processes_zero2(slurm_cluster, tmp_path, data_cache, cli_e
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
     meta = json.loads((run_dir / "checkpoints" / "step_00000004" / "bigmodel_meta.json").read_text())
     assert meta["world_size"] == 2 and meta["zero_stage"] == 2
-    log = _log(run_dir, job)
-    assert "python" in log and "torch" in log and "deepspeed" in log  # versions and nodes logged at start
+    log = _log(run_dir, job)  # the pre-flight logged the job, its nodes and the versions before any srun
+    assert re.search(rf"job {job} \(restart 0\) on n1: 1 node\(s\) x 2 process\(es\); "
+                     rf"python {re.escape(platform.python_version())}, torch \S+, deepspeed \d", log), log[-3000:]
 
 
 @pytest.mark.parametrize("mode", ["torchrun", "tasks"])
@@ -127,7 +128,7 @@ def test_preempted_job_requeues_resumes_and_matches_the_straight_run(slurm_clust
 def test_bad_submissions_fail_clearly_without_requeue(slurm_cluster, tmp_path, data_cache, cli_env):
     too_many = _submit(tmp_path, data_cache, cli_env, "--nodes=1", "--gpus-per-node=3", "--name=gpus",
                        "--train.global_batch_size=12")  # valid for 3 ranks: only Slurm can say no
-    assert too_many.returncode == 2 and "sbatch refused the job" in too_many.stderr
+    assert_one_line_error(too_many, "sbatch refused the job")
     # a config the run name's checkpoints were not written with: pre-flight stops it, no requeue
     first = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=1", "--name=same",
                             "--train.max_steps=2"))
@@ -138,8 +139,8 @@ def test_bad_submissions_fail_clearly_without_requeue(slurm_cluster, tmp_path, d
     assert _job_field(other, "Restarts") == "0"
     assert "bigmodel: error:" in _log(tmp_path / "same", other) and "vocab_size" in _log(tmp_path / "same", other)
     # no config argument at all: the script's own one-line usage error
-    bare = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={tmp_path}/bare-%j.out",
-                           str(REPO / "slurm" / "pretrain_gpt.sh")], cwd=REPO, env=cli_env, capture_output=True, text=True)
+    bare = run_command(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={tmp_path}/bare-%j.out",
+                        str(REPO / "slurm" / "pretrain_gpt.sh")], env=cli_env)
     job = bare.stdout.strip()
     assert _wait(job) == "FAILED"
     assert "no config" in (tmp_path / f"bare-{job}.out").read_text()
