@@ -21,9 +21,10 @@ import pytest
 from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.metrics_file import read_metrics
 
+from ..cli import assert_one_line_error, run_cli, run_command
 from ..conftest import REPO, TINY
 from ..guards import HANG_GUARD_S
-from .ray_cluster import listening_sockets, worker_pids
+from .ray_cluster import listening_sockets, netns_prefix, worker_pids
 
 pytestmark = pytest.mark.distributed
 
@@ -56,8 +57,6 @@ def _submit(cluster, workdir: Path, overrides: list[str], *flags: str) -> subpro
 
 
 def _submit_in_background(cluster, workdir: Path, overrides: list[str], *flags: str) -> subprocess.Popen:
-    from .ray_cluster import netns_prefix
-
     return subprocess.Popen([*netns_prefix(), *_submit_command(cluster, workdir, overrides, *flags)], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -101,9 +100,9 @@ def workdir(tmp_path_factory) -> Path:
 def reference_runs(ray_cluster, workdir, tmp_path_factory, data_cache) -> dict:
     """The uninterrupted ZeRO-2 run, submitted by `bigmodel launch ray` (its checks, then `ray job submit`)."""
     out = tmp_path_factory.mktemp("ray-runs")
-    launch = [sys.executable, "-m", "launcher.cli", "launch", "ray", "configs/gpt2-tiny.yaml", "--address",
-              ray_cluster.address, *_overrides(out, data_cache, "zero2", "--deepspeed.config=zero2")]
-    return {"out": out, "zero2": ray_cluster.run(launch, env=_env(), timeout=HANG_GUARD_S, cwd=workdir)}
+    launch = ["launch", "ray", "configs/gpt2-tiny.yaml", "--address", ray_cluster.address,
+              *_overrides(out, data_cache, "zero2", "--deepspeed.config=zero2")]
+    return {"out": out, "zero2": run_cli(launch, cwd=workdir, env=_env(), prefix=netns_prefix())}
 
 
 def _check_finished_run(run_dir: Path, stage: int) -> None:
@@ -203,24 +202,21 @@ def test_bad_ray_inputs_fail_fast_with_one_line(ray_cluster, workdir, tmp_path, 
     assert "ray.num_workers: 8 workers x 1 CPU need 8 CPU, the Ray cluster has 6" in job.stdout + job.stderr
     assert "[rank " not in job.stdout + job.stderr  # refused by the driver: no worker ever started
 
-    cli = [sys.executable, "-m", "launcher.cli", "launch", "ray", "configs/gpt2-tiny.yaml", *overrides]
+    launch = ["launch", "ray", "configs/gpt2-tiny.yaml", *overrides]
     # no cluster at the address
-    nobody = subprocess.run([*cli, "--address", "http://127.0.0.1:9"], cwd=workdir, env=_env(),
-                            capture_output=True, text=True, timeout=HANG_GUARD_S)
-    assert nobody.returncode == 2 and "no Ray cluster answers at http://127.0.0.1:9" in nobody.stderr
+    nobody = run_cli([*launch, "--address", "http://127.0.0.1:9"], cwd=workdir, env=_env())
+    assert_one_line_error(nobody, "no Ray cluster answers at http://127.0.0.1:9")
     # a working dir over Ray's upload limit (a big file no ignore file names)
     big = tmp_path / "big-repo"
     shutil.copytree(workdir / "configs", big / "configs")
     (big / "corpus.txt").write_bytes(os.urandom(101 * 2**20))
-    over = subprocess.run([*cli, "--working-dir", str(big)], cwd=big, env=_env(), capture_output=True, text=True,
-                          timeout=HANG_GUARD_S)
-    assert over.returncode == 2 and "over Ray's 100 MiB limit (largest: corpus.txt" in over.stderr
+    over = run_cli([*launch, "--working-dir", str(big)], cwd=big, env=_env())
+    assert_one_line_error(over, "over Ray's 100 MiB limit (largest: corpus.txt")
     # a relative output_dir would be lost with Ray's copy of the working dir
-    relative = subprocess.run([sys.executable, "-m", "launcher.ray_job", "configs/gpt2-tiny.yaml"], cwd=workdir,
-                              env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
-    assert relative.returncode == 2 and "config field output_dir: 'runs' is relative" in relative.stderr
+    ray_job = [sys.executable, "-m", "launcher.ray_job", "configs/gpt2-tiny.yaml"]
+    relative = run_command(ray_job, cwd=workdir, env=_env())
+    assert_one_line_error(relative, "config field output_dir: 'runs' is relative")
     # a cluster address where nobody listens: an error, not a hang
-    unreachable = subprocess.run([sys.executable, "-m", "launcher.ray_job", "configs/gpt2-tiny.yaml",
-                                  f"--output_dir={tmp_path}", "--ray.address=127.0.0.1:1"], cwd=workdir, env=_env(),
-                                 capture_output=True, text=True, timeout=HANG_GUARD_S)
-    assert unreachable.returncode == 2 and "no Ray cluster at 127.0.0.1:1" in unreachable.stderr
+    unreachable = run_command([*ray_job, f"--output_dir={tmp_path}", "--ray.address=127.0.0.1:1"], cwd=workdir,
+                              env=_env())
+    assert_one_line_error(unreachable, "no Ray cluster at 127.0.0.1:1", after_logs=True)
