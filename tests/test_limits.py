@@ -147,18 +147,17 @@ def test_the_time_limit_stops_with_a_checkpoint_and_the_requeue_code(tmp_path, d
     stop_step = stopped["step"]
     assert stopped["stop_reason"] == "time limit" and 2 <= stop_step < max_steps, stopped
     assert stopped["tokens_seen"] == stop_step * TOKENS_PER_STEP and not (run_dir / "COMPLETED").exists()
-    assert _checkpoints(run_dir) == [f"step_{stop_step:08d}"]  # checkpoint.every=0: the stop's save only
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stop_step:08d}"
-    assert json.loads((run_dir / "checkpoints" / f"step_{stop_step:08d}" / "bigmodel_meta.json").read_text())[
-        "step"] == stop_step
+    stop_checkpoint = run_dir / "checkpoints" / f"step_{stop_step:08d}"
+    assert _checkpoints(run_dir) == [stop_checkpoint.name]  # checkpoint.every=0: the stop's save only
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == stop_checkpoint.name
+    assert json.loads((stop_checkpoint / "bigmodel_meta.json").read_text())["step"] == stop_step
     assert sorted(losses(run_dir)) == list(range(1, stop_step + 1))
 
     # Requeued with 540 s left, under the 600 s margin (the real clock, no jump): due before any step.
     again = Launch(cli_command([*base, f"--checkpoint.end_time={time.time() + 540}"]), cli_env)
     assert again.finish() == requeue, again.output[-4000:]
-    stop_checkpoint = run_dir / "checkpoints" / f"step_{stop_step:08d}"
     assert f"resumed from {stop_checkpoint} at step {stop_step}" in again.output and "Traceback" not in again.output
     restopped = json.loads((run_dir / "STOPPED").read_text())
     assert (restopped["step"], restopped["stop_reason"]) == (stop_step, "time limit")
-    assert _checkpoints(run_dir) == [f"step_{stop_step:08d}"]  # nothing new to save
+    assert _checkpoints(run_dir) == [stop_checkpoint.name]  # nothing new to save
     assert sorted(losses(run_dir)) == list(range(1, stop_step + 1))
