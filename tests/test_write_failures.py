@@ -24,8 +24,7 @@ DISK_MIB = 14
 @pytest.fixture
 def small_disk(tmp_path):
     """A 14 MiB tmpfs at tmp_path/disk, unmounted after the test."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root (CI runs as root)")
+    assert os.geteuid() == 0, "mounting a size-limited tmpfs needs root (CI runs as root)"
     mount = tmp_path / "disk"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MIB}m", "tmpfs", str(mount)], check=True)
