@@ -275,6 +275,57 @@ class RayConfig:
 
 
 @dataclass
+class ResilienceConfig:
+    """Hangs, bad nodes, stragglers and loss spikes: detected, diagnosed and recovered from without a person."""
+
+    enabled: bool = True
+    """The in-loop guards: progress records for the hang watchdog, loss/gradient checks, straggler timing."""
+    hang_timeout_s: float = 600.0
+    """A node whose ranks all make no progress within a step for this long is declared hung: every local
+    rank's stacks go to RUN_DIR/logs/hang-<time>/, the job's processes end, and it exits `hang_exit_code`."""
+    startup_timeout_s: float = 1800.0
+    """The same limit from process start to the first step (data, model, engine, checkpoint load)."""
+    save_timeout_s: float = 1800.0
+    """The same limit while a checkpoint is being saved."""
+    hang_exit_code: int = 86
+    """Exit code of a job that hung: the Slurm script requeues it avoiding the suspect node."""
+    health_check: bool = True
+    """Check every node (matmul, memory, all-reduce bus bandwidth) before training on Slurm and Ray."""
+    health_slow_factor: float = 2.0
+    """A node this many times slower than the median node (matmul or all-reduce) is a bad node."""
+    bad_node_exit_code: int = 87
+    """Exit code of a failed health check: the Slurm script requeues it avoiding the named node."""
+    straggler_factor: float = 1.5
+    """A rank whose compute time per step exceeds the median rank's by this factor is a straggler..."""
+    straggler_intervals: int = 3
+    """...when it does so for this many log intervals in a row (then it is reported once per streak)."""
+    spike_window: int = 50
+    """Recent good steps whose mean loss is the reference for spike detection."""
+    spike_factor: float = 3.0
+    """A step whose loss exceeds this many times the recent mean (window at least a fifth full) is bad."""
+    max_bad_steps: int = 3
+    """Bad steps (non-finite or spiking loss or gradient norm; each one skipped) in a row before rolling
+    back to the last good checkpoint and skipping the data those steps read."""
+    rollback_lr_factor: float = 1.0
+    """Multiply the learning rate by this after each rollback (1.0 keeps it)."""
+
+    def check(self) -> None:
+        _require_positive("resilience", hang_timeout_s=self.hang_timeout_s, startup_timeout_s=self.startup_timeout_s,
+                          save_timeout_s=self.save_timeout_s, health_slow_factor=self.health_slow_factor,
+                          straggler_factor=self.straggler_factor, straggler_intervals=self.straggler_intervals,
+                          spike_window=self.spike_window, spike_factor=self.spike_factor,
+                          max_bad_steps=self.max_bad_steps)
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            raise ConfigError("resilience.rollback_lr_factor", f"must be in (0, 1], got {self.rollback_lr_factor}")
+        for name in ("hang_exit_code", "bad_node_exit_code"):
+            if not 1 <= getattr(self, name) <= 255:
+                raise ConfigError(f"resilience.{name}", f"must be in 1..255, got {getattr(self, name)}")
+        if self.health_slow_factor <= 1.0 or self.straggler_factor <= 1.0 or self.spike_factor <= 1.0:
+            bad = next(n for n in ("health_slow_factor", "straggler_factor", "spike_factor") if getattr(self, n) <= 1.0)
+            raise ConfigError(f"resilience.{bad}", f"must be > 1 (a ratio to the median or mean), got {getattr(self, bad)}")
+
+
+@dataclass
 class Config:
     name: str = "gpt2-tiny"
     """Stable run name: the run directory is `<output_dir>/<name>`, so restarts and requeues find it."""
@@ -290,10 +341,17 @@ class Config:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     def check(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError("name", f"must be a plain folder name (no '/', not starting with '.'), got {self.name!r}")
         for section in (self.model, self.data, self.optim, self.train, self.checkpoint, self.deepspeed, self.logging,
-                        self.ray):
+                        self.ray, self.resilience):
             section.check()
+        codes = {"checkpoint.requeue_exit_code": self.checkpoint.requeue_exit_code,
+                 "resilience.hang_exit_code": self.resilience.hang_exit_code,
+                 "resilience.bad_node_exit_code": self.resilience.bad_node_exit_code}
+        if len(set(codes.values())) < len(codes) or set(codes.values()) & {1, 2}:
+            raise ConfigError("resilience.hang_exit_code", f"exit codes must differ from each other and from 1 and 2 "
+                              f"(run failed, bad input); got {codes}")
