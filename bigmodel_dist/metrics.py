@@ -67,14 +67,18 @@ class MetricsLogger:
     def _start_wandb(self, run_dir: Path, logging_cfg: LoggingConfig, config: dict) -> None:
         self._wandb_run = start_wandb(run_dir, logging_cfg, config, self.run_id)
 
-    def mark_restart(self, step: int) -> None:
-        """A resume from `step`: later steps logged before are redone. metrics.jsonl records the restart
-        (its reader drops the redone lines); W&B keeps its first logging of the redone steps, since it
-        refuses steps below its last one, so they are skipped there."""
-        if not self.is_main or not self._logged_before:  # nothing logged before: a fresh run
+    def mark_restart(self, step: int, redone_through: int | None = None) -> None:
+        """A resume from `step` (at start-up, or a rollback that redoes steps up to `redone_through`):
+        later steps logged before are redone. metrics.jsonl records the restart (its reader drops the
+        redone lines); W&B keeps its first logging of the redone steps, since it refuses steps below its
+        last one, so they are skipped there."""
+        if not self.is_main:
+            return
+        logged = self._logged_before if redone_through is None else redone_through
+        if not logged:  # nothing logged before: a fresh run
             return
         self._write({"event": "restart", "step": step, "time": time.time()})
-        self._wandb_skip_through = self._logged_before
+        self._wandb_skip_through = max(self._wandb_skip_through, logged)
         if self._progress is not None:
             self._progress.n = step
 
@@ -96,6 +100,22 @@ class MetricsLogger:
             self._progress.set_postfix_str(line, refresh=True)
         else:
             log.info("step %d %s", step, line)
+
+    def incident(self, step: int, kind: str, **details: Any) -> None:
+        """One incident line (see `metrics_file.INCIDENTS`) in metrics.jsonl and W&B, and a warning."""
+        if not self.is_main:
+            return
+        plain = {k: _plain(v) for k, v in details.items()}
+        self._write({"event": kind, "step": step, "time": time.time(), **plain})
+        log.warning("%s at step %d: %s", kind, step, " ".join(f"{k}={_short(v)}" for k, v in plain.items()))
+        self._wait_for_wandb()
+        if self._wandb_run is not None and step > self._wandb_skip_through:
+            try:
+                numbers = {f"incident/{kind}/{k}": v for k, v in plain.items() if isinstance(v, (int, float))}
+                self._wandb_run.log({f"incident/{kind}": 1, **numbers}, step=step)
+            except Exception as exc:
+                log.warning("W&B logging failed (%s: %s); continuing without W&B", type(exc).__name__, exc)
+                self._wandb_run = None
 
     def _write(self, record: dict) -> None:
         assert self._file is not None, "only rank 0 writes metrics.jsonl"

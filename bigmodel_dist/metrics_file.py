@@ -3,19 +3,27 @@
 Each record is {"step", "time", <metrics>}; a restart writes {"event": "restart", "step": s}. After a
 resume from step s, steps > s logged before the restart were redone, so the reader drops them: every
 step appears once, with its value from the run that counted. Unreadable lines are skipped and counted.
+
+Incidents are records too, one line each: {"event": <kind>, "step", "time", <details>} with kind one of
+`INCIDENTS` (a hang, a bad node, a straggler, a skipped step, a rollback). They are kept as they were
+written, also when the steps around them were redone.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+INCIDENTS = ("hang", "bad_node", "straggler", "skip", "rollback")
 
 
 @dataclass
 class MetricsHistory:
     records: list[dict] = field(default_factory=list)  # deduplicated, in step order of logging
     restarts: list[dict] = field(default_factory=list)  # {"step", "time"} of each restart
+    incidents: list[dict] = field(default_factory=list)  # {"event": kind, "step", "time", ...}
     bad_lines: int = 0
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
@@ -40,6 +48,17 @@ def read_metrics(path: Path) -> MetricsHistory:
         if record.get("event") == "restart":
             history.restarts.append(record)
             history.records = [r for r in history.records if r["step"] <= step]  # redone after the resume
+        elif "event" in record:
+            history.incidents.append(record)
         else:
             history.records.append(record)
     return history
+
+
+def append_incident(path: Path, kind: str, step: int, **details) -> dict:
+    """One incident line, from a process that holds no `MetricsLogger` (a node's supervisor after its
+    ranks were ended). Appends of one short line do not interleave with another writer's."""
+    record = {"event": kind, "step": step, "time": time.time(), **details}
+    with open(path, "a") as out:
+        out.write(json.dumps(record) + "\n")
+    return record

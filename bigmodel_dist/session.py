@@ -27,10 +27,13 @@ def open_trainer(config: Config, facts: DistributedFacts, reporter: StepReporter
                  signals: StopSignals | None = None, clock: StartupClock | None = None) -> Iterator[Trainer]:
     """A ready Trainer for `config` on this process group; closed (background writes joined, loader
     and W&B stopped, process group left) when the block ends, also by an exception."""
+    from bigmodel_dist.faults import faults_from_env
+    from bigmodel_dist.progress import ProgressRecorder
     from bigmodel_dist.trainer import Trainer
 
+    faults = faults_from_env()  # test-only; refused unless explicitly allowed
     trainer = Trainer(resolve_run(config, facts.world_size), facts, reporter=reporter, stop_signals=signals,
-                      clock=clock)
+                      clock=clock, faults=faults, progress=ProgressRecorder.from_env(facts.rank))
     try:
         yield trainer
     finally:

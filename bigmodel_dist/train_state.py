@@ -18,6 +18,15 @@ class TrainState:
     # (work redone after a resume does not).
     run_started_at: float = field(default_factory=time.time)
     productive_s: float = 0.0
+    # Resilience (see resilience.py): the loss guard's memory, and what rollbacks passed over.
+    recent_losses: list[float] = field(default_factory=list)  # the last good steps' losses, oldest first
+    bad_streak: int = 0  # bad (skipped) steps in a row up to now
+    first_bad_step: int = 0  # the first step of that streak
+    skipped_steps: int = 0  # bad steps skipped over the whole run
+    rollbacks: int = 0
+    skipped_samples: int = 0  # samples passed over by rollbacks: the cursor is step * G + this
+    skipped_ranges: list[list[int]] = field(default_factory=list)  # [start, end) of each passed-over window
+    lr_scale: float = 1.0  # product of resilience.rollback_lr_factor over the rollbacks
 
     def advance(self, tokens: int, samples: int) -> None:
         self.step += 1

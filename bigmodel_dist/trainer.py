@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import resource
+import socket
+import statistics
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -28,11 +30,14 @@ from bigmodel_dist.data.prepare import prepare_for_run
 from bigmodel_dist.distributed import DistributedFacts, on_rank0_then_shared
 from bigmodel_dist.errors import RunFailedError
 from bigmodel_dist.evaluation import Evaluator
+from bigmodel_dist.faults import Faults
 from bigmodel_dist.fileio import write_json_atomically, write_text_atomically
 from bigmodel_dist.metrics import MetricsLogger, device_peak_tflops
 from bigmodel_dist.model_presets import flops_per_token
 from bigmodel_dist.models import build_model, weight_decay_groups
 from bigmodel_dist.preemption import FAILED_WRITE, StopController, StopSignals
+from bigmodel_dist.progress import ProgressRecorder
+from bigmodel_dist.resilience import GOOD_STEP, ComputeTimer, LossGuard, StragglerTracker, Verdict
 from bigmodel_dist.runtime import (
     Runtime,
     create_accelerator,
@@ -65,37 +70,49 @@ class StepReporter(Protocol):
 
 
 class _LogWindow:
-    """The steps since the last log line: their losses and the training time they took."""
+    """The steps since the last log line: their (all-rank mean) losses, the training time they took, and
+    this rank's compute time in them."""
 
-    def __init__(self, step: int):
-        self.losses: list[torch.Tensor] = []
+    def __init__(self, step: int, device):
+        self.losses: list[float] = []
+        self.skipped = 0
+        self.compute = ComputeTimer(device)
         self.restart(step)
 
     def restart(self, step: int) -> None:
         """Start timing here: eval and checkpoint stalls between windows do not count as step time."""
         self.losses.clear()
+        self.skipped = 0
+        self.compute.reset()
         self.first_step, self.started = step, time.perf_counter()
 
 
 class Trainer:
     def __init__(self, resolved: ResolvedRun, facts: DistributedFacts, reporter: StepReporter | None = None,
-                 stop_signals: StopSignals | None = None, clock: StartupClock | None = None):
+                 stop_signals: StopSignals | None = None, clock: StartupClock | None = None,
+                 faults: Faults | None = None, progress: ProgressRecorder | None = None):
         """`stop_signals`: pass the ones installed at process start, so a stop asked for during imports or
         this set-up is honoured; without them the Trainer watches from here on. `clock`: the start-up
-        clock of this process, reported with the first step.
+        clock of this process, reported with the first step. `faults`: test-only injected faults.
+        `progress`: where this rank publishes its step and phase for its node's hang watchdog (the
+        Trainer closes it).
 
         What the set-up opens (threads, W&B, the process group) is closed by `close()`, and by the
         constructor itself when it fails half-way.
         """
         self._resources = ExitStack()
         try:
-            self._set_up(resolved, facts, reporter, stop_signals, clock)
+            self._set_up(resolved, facts, reporter, stop_signals, clock, faults, progress)
         except BaseException:
             self._resources.close()
             raise
 
     def _set_up(self, resolved: ResolvedRun, facts: DistributedFacts, reporter: StepReporter | None,
-                stop_signals: StopSignals | None, clock: StartupClock | None) -> None:
+                stop_signals: StopSignals | None, clock: StartupClock | None, faults: Faults | None,
+                progress: ProgressRecorder | None) -> None:
+        self.progress = progress or ProgressRecorder(None, facts.rank)
+        self._resources.callback(self.progress.close)
+        self.faults = faults or Faults()
         self.clock = clock or StartupClock()
         self._resources.callback(self.clock.done)
         self.clock.dump_stacks_after(resolved.config.logging.startup_stacks_after_s)
@@ -107,6 +124,9 @@ class Trainer:
         self.reporter = reporter
         self._unreported: dict[str, Any] = {}  # this step's metrics, for the reporter
         self.state = TrainState()
+        self.guard = LossGuard(resolved.config.resilience, self.state)
+        self.stragglers = StragglerTracker(resolved.config.resilience)
+        self._hosts: list[str] = []  # every rank's host, gathered at the first log
         # Before the first collective: W&B may take seconds to start and no rank may wait on it.
         self.metrics = MetricsLogger(self.run_dir, self.cfg.logging, to_dict(self.cfg), facts.is_main,
                                      self.cfg.train.max_steps)
@@ -147,10 +167,8 @@ class Trainer:
             replace_checkpoint_engine(self.runtime.engine, SnapshotCheckpointEngine)
         self.stopper = StopController(self.signals, self.cfg.checkpoint.end_time or facts.job_end_time,
                                       self.cfg.checkpoint.time_limit_margin_s, facts.is_main, self.runtime.device)
-        self.loader = BatchLoader(self.dataset.train, resolved.layout, facts.rank, self.cfg.seed,
-                                  start_step=self.state.step, prefetch=self.cfg.data.prefetch,
-                                  pin_memory=torch.cuda.is_available())
-        self._resources.callback(self.loader.close)
+        self.loader = self._open_loader()
+        self._resources.callback(lambda: self.loader.close())  # the loader of the moment (rollbacks renew it)
         self.evaluator = Evaluator(self.dataset.val, resolved.layout, facts.rank, self.cfg.train.eval_every,
                                    self.cfg.train.eval_batches)
         self.metrics.mark_restart(self.state.step)
@@ -164,16 +182,25 @@ class Trainer:
         and saved, so an early stop loses no step's loss, time or state."""
         state, every_log = self.state, self.cfg.train.log_every
         self._announce()
-        window = _LogWindow(state.step)
+        window = _LogWindow(state.step, self.runtime.device)
         # A stop asked for during start-up ends the run before its first step: nothing new to save.
         state.stop_reason = self._agreed_stop()
         while not state.stop_reason and not self._budget_spent():
-            lr = lr_at(state.step, self.cfg.optim, self.cfg.train.max_steps)
+            lr = lr_at(state.step, self.cfg.optim, self.cfg.train.max_steps) * state.lr_scale
             set_learning_rate(self.runtime, lr)
-            window.losses.append(self._train_step())
+            loss, verdict = self._train_step(window)
             state.advance(self.resolved.tokens_per_step, self.resolved.layout.global_batch_size)
+            verdict = self._settle_step(loss, verdict)
+            if verdict.bad:
+                window.skipped += 1
+            else:
+                window.losses.append(loss)
             if "first step" not in self.clock.phases:
                 self._report_startup()
+            if verdict.rollback:  # every rank alike: the verdict comes from all-rank figures
+                self._roll_back()
+                window.restart(state.step)
+                continue
             state.stop_reason = self._agreed_stop()  # every rank, every step
             last_step = bool(state.stop_reason) or self._budget_spent()
             logged = last_step or state.step % every_log == 0
@@ -182,7 +209,9 @@ class Trainer:
             if self.evaluator.due(state.step, last_step=self._budget_spent()):  # not when stopped early
                 loss = self.evaluator.mean_loss(self.runtime.engine, self.runtime.accelerator, self.runtime.device)
                 self._log({"eval/loss": loss, "eval/ppl": math.exp(loss)})
-            saved = self.save_checkpoint() if last_step or self.checkpoints.due(state.step) else None
+            # Never an interval save inside a streak of bad steps: a rollback must land before its start.
+            due = self.checkpoints.due(state.step) and not state.bad_streak
+            saved = self.save_checkpoint() if last_step or due else None
             self._report(saved)
             if logged:
                 window.restart(state.step)
@@ -197,6 +226,7 @@ class Trainer:
     def _agreed_stop(self) -> str | None:
         """Collective: why every rank stops after this step (a signal, the time limit), or None. A failed
         background checkpoint write on any rank ends the run here, on every rank, with its error."""
+        self.progress.mark("collective", self.state.step)
         reason = self.stopper.agreed_stop(write_failed=self.checkpoints.local_failure())
         if reason == FAILED_WRITE:
             self.checkpoints.settle()  # raises RunFailedError naming the rank, path and cause
@@ -216,18 +246,97 @@ class Trainer:
                 log.info(note)
         self._log(self.clock.as_metrics())
 
-    def _train_step(self) -> torch.Tensor:
-        """One optimizer step: grad_accum micro-steps; DeepSpeed clips and steps at the boundary."""
+    def _train_step(self, window: _LogWindow) -> tuple[float, Verdict]:
+        """One optimizer step: grad_accum micro-steps; DeepSpeed clips and steps at the boundary.
+
+        Returns the step's loss (mean over micro-steps and ranks) and the loss guard's verdict, given
+        before the step is applied: a bad step's last backward is made non-finite, which DeepSpeed
+        answers by skipping the step and clearing the gradients (its overflow path)."""
         engine, accelerator = self.runtime.engine, self.runtime.accelerator
         engine.train()
+        step, accum = self.state.step, self.resolved.layout.grad_accum_steps
         total = torch.zeros((), device=self.runtime.device)
-        for micro_step in range(self.resolved.layout.grad_accum_steps):
-            batch = self.loader.next(self.state.step, micro_step).to(self.runtime.device, non_blocking=True)
+        verdict, mean = GOOD_STEP, 0.0
+        for micro_step in range(accum):
+            self.progress.mark("data", step + 1)
+            batch = self.loader.next(step, micro_step).to(self.runtime.device, non_blocking=True)
+            self.progress.mark("forward", step + 1)
             with accelerator.accumulate(engine):  # sync (and step) only on the last micro-step
-                loss = engine(input_ids=batch, labels=batch).loss
+                with window.compute:
+                    if self.faults:
+                        self.faults.in_forward(self.facts.rank, step + 1)
+                    loss = engine(input_ids=batch, labels=batch).loss
+                if self.faults:
+                    loss = loss * self.faults.loss_scale(self.loader.indices(step, micro_step))
+                total += loss.detach().float()
+                if micro_step == accum - 1 and self.cfg.resilience.enabled:
+                    mean = self._all_rank_mean(total / accum)
+                    verdict = self.guard.judge(mean)
+                    if verdict.bad:
+                        loss = loss * float("nan")
+                self.progress.mark("backward", step + 1)
                 accelerator.backward(loss)
-            total += loss.detach().float()
-        return total / self.resolved.layout.grad_accum_steps
+        if not self.cfg.resilience.enabled:  # this rank's mean; the log window averages over ranks
+            return float(total / accum), verdict
+        return mean, verdict
+
+    def _all_rank_mean(self, local: torch.Tensor) -> float:
+        """Collective: the mean of `local` over every rank (NaN anywhere makes it NaN everywhere)."""
+        self.progress.mark("collective", self.state.step + 1)
+        total = local.detach().clone()
+        torch.distributed.all_reduce(total)
+        return float(total) / self.facts.world_size
+
+    def _settle_step(self, loss: float, verdict: Verdict) -> Verdict:
+        """After the step: a finite loss whose gradient norm was not (DeepSpeed skipped it) is bad too;
+        each bad step is one incident; the guard's memory moves on."""
+        if not self.cfg.resilience.enabled:
+            return verdict
+        step = self.state.step
+        if not verdict.bad and not math.isfinite(_grad_norm(self.runtime.engine)):
+            verdict = self.guard.verdict_for("non-finite gradient norm")
+        self.guard.record(step, loss, verdict.bad)
+        if verdict.bad:
+            self.state.skipped_steps += 1
+            self.metrics.incident(step, "skip", reason=verdict.reason, loss=loss, bad_streak=self.state.bad_streak)
+        return verdict
+
+    def _open_loader(self) -> BatchLoader:
+        return BatchLoader(self.dataset.train, self.resolved.layout, self.facts.rank, self.cfg.seed,
+                           start_step=self.state.step, prefetch=self.cfg.data.prefetch,
+                           pin_memory=torch.cuda.is_available(), skipped=self.state.skipped_samples)
+
+    def _roll_back(self) -> None:
+        """Collective: back to the newest checkpoint saved before this streak of bad steps, past the data
+        those steps read; the lost steps' time does not count as productive."""
+        state, cfg = self.state, self.cfg.resilience
+        self.progress.mark("save", state.step)  # a checkpoint load: the save limit applies
+        self.checkpoints.settle()
+        target = self.checkpoints.choose_resume("latest", before_step=state.first_bad_step)
+        if target is None:
+            raise RunFailedError(
+                f"{state.bad_streak} bad steps in a row from step {state.first_bad_step} and no checkpoint saved "
+                "before them to roll back to; save earlier (checkpoint.every) or check the data and the learning "
+                "rate", on_every_rank=True)
+        bad_step, bad_end = state.step, state.samples_seen
+        kept = {"run_started_at": state.run_started_at, "skipped_steps": state.skipped_steps,
+                "rollbacks": state.rollbacks + 1, "lr_scale": state.lr_scale * cfg.rollback_lr_factor,
+                "skipped_ranges": state.skipped_ranges}
+        self.loader.close()
+        load_from = self._loadable_copy(target, self.runtime.accelerator)
+        self.runtime.accelerator.load_state(str(load_from))
+        restart_accumulation_count(self.runtime.accelerator)
+        state.load_state_dict(target.train_state)
+        state.load_state_dict(kept)
+        skipped = [int(target.train_state["samples_seen"]), bad_end]
+        state.skipped_ranges = [*state.skipped_ranges, skipped]
+        state.samples_seen = bad_end  # the cursor passes over what the bad steps read
+        state.skipped_samples = bad_end - state.step * self.resolved.layout.global_batch_size
+        state.bad_streak = 0
+        self.loader = self._open_loader()
+        self.metrics.incident(bad_step, "rollback", to_step=state.step, lost_steps=bad_step - state.step,
+                              skipped_samples=skipped, checkpoint=str(target.path), lr_scale=state.lr_scale)
+        self.metrics.mark_restart(state.step, redone_through=bad_step)
 
     def _open_data(self) -> PackedDataset:
         """Rank 0 prepares (or finds) the data first and shares any input error; then every rank opens it.
@@ -243,6 +352,7 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """One verified, atomically committed checkpoint of every rank's state plus the training state."""
+        self.progress.mark("save", self.state.step)
         started = time.perf_counter()
         path = self.checkpoints.save(
             self.runtime.accelerator, self.state.step, self.state.state_dict(), self._run_identity(),
@@ -303,15 +413,21 @@ class Trainer:
         self._unreported = {}
 
     def _log_window(self, window: _LogWindow, lr: float) -> None:
-        """Collective: the mean loss and speed of the steps since the last log; their time counts as
-        productive (goodput)."""
+        """Collective: the mean loss (of the steps not skipped) and speed of the steps since the last log;
+        their time counts as productive (goodput)."""
+        self.progress.mark("collective", self.state.step)
         elapsed = time.perf_counter() - window.started
         self.state.productive_s += elapsed
-        losses = self.runtime.accelerator.reduce(torch.stack(window.losses), reduction="mean")  # every rank joins
-        step_time = elapsed / max(1, self.state.step - window.first_step)
+        steps = max(1, self.state.step - window.first_step)
+        step_time = elapsed / steps
         tokens_per_s = self.resolved.tokens_per_step / step_time
-        metrics = {
-            "loss": float(losses.mean()),
+        metrics: dict[str, Any] = {}
+        if window.losses:  # the same count on every rank: verdicts are agreed
+            losses = torch.tensor(window.losses, device=self.runtime.device)
+            metrics["loss"] = float(self.runtime.accelerator.reduce(losses, reduction="mean").mean())
+        if window.skipped:
+            metrics["skipped_steps"] = window.skipped
+        metrics.update({
             "lr": lr,
             "grad_norm": _grad_norm(self.runtime.engine),
             "step_time_s": step_time,
@@ -319,21 +435,37 @@ class Trainer:
             "tokens_per_s_per_device": tokens_per_s / self.facts.world_size,
             "tokens_seen": self.state.tokens_seen,
             "goodput": self.state.goodput(),
-            **self._peak_memory_gb(),
-        }
+            **self._per_rank_figures(window.compute.seconds() / steps),
+        })
         if self._peak_flops:
             metrics["mfu"] = self._flops_per_step / step_time / (self._peak_flops * self.facts.world_size)
         self._log(metrics)
 
-    def _peak_memory_gb(self) -> dict[str, object]:
-        """Peak memory of every rank (GPU allocator, or the process's peak RSS on CPU): collective."""
+    def _per_rank_figures(self, compute_s: float) -> dict[str, object]:
+        """Collective: every rank's peak memory (GPU allocator, or the process's peak RSS on CPU) and
+        compute time per step; a rank that computes slower than the others for several log intervals in
+        a row is reported as a straggler, by rank and host."""
         if torch.cuda.is_available():
-            local = torch.cuda.max_memory_allocated() / 1e9
+            memory = torch.cuda.max_memory_allocated() / 1e9
         else:
-            local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-        gathered = self.runtime.accelerator.gather(torch.tensor([local], device=self.runtime.device)).tolist()
-        return {"memory/peak_gb_max": max(gathered), "memory/peak_gb_min": min(gathered),
-                "memory/peak_gb_per_rank": gathered}
+            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+        local = torch.tensor([[memory, compute_s]], device=self.runtime.device, dtype=torch.float64)
+        gathered = self.runtime.accelerator.gather(local).tolist()
+        memories, computes = [row[0] for row in gathered], [row[1] for row in gathered]
+        figures: dict[str, object] = {"memory/peak_gb_max": max(memories), "memory/peak_gb_min": min(memories),
+                                      "memory/peak_gb_per_rank": memories}
+        if not self.cfg.resilience.enabled:
+            return figures
+        if not self._hosts:
+            self._hosts = [""] * self.facts.world_size
+            torch.distributed.all_gather_object(self._hosts, socket.gethostname())
+        ratio, stragglers = self.stragglers.update(computes)
+        figures.update({"compute_s_per_rank": computes, "straggler/slowest_to_median": ratio})
+        for rank in stragglers:
+            self.metrics.incident(self.state.step, "straggler", rank=rank, host=self._hosts[rank],
+                                  compute_s=computes[rank], median_s=statistics.median(computes),
+                                  intervals=self.cfg.resilience.straggler_intervals)
+        return figures
 
     def _announce(self) -> None:
         r, layout = self.resolved, self.resolved.layout

@@ -1,4 +1,4 @@
-"""`bigmodel`: train | launch local|slurm|ray | validate | prepare | export | plot. Heavy imports stay inside the commands that need them.
+"""`bigmodel`: train | launch local|slurm|ray | check | validate | prepare | export | plot. Heavy imports stay inside the commands that need them.
 
 Every user error (config, file) prints one line and exits 2 before any process group starts.
 """
@@ -72,6 +72,16 @@ def _build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
     plot.set_defaults(handler=_cmd_plot)
+
+    check = commands.add_parser("check", help="node health check: matmul, memory, all-reduce bus bandwidth "
+                                "(exit resilience.bad_node_exit_code for a bad node)", epilog=OVERRIDES_HELP)
+    check.add_argument("config")
+    check.add_argument("--nproc-per-node", type=int, default=None, help="processes here (default: GPUs, or 2 on CPU)")
+    check.add_argument("--nnodes", type=int, default=1)
+    check.add_argument("--node-rank", type=int, default=0)
+    check.add_argument("--master-addr", default="127.0.0.1")
+    check.add_argument("--master-port", type=int, default=29500)
+    check.set_defaults(handler=_cmd_check)
 
     launch = commands.add_parser("launch", help="start processes on an allocation")
     backends = launch.add_subparsers(dest="backend", required=True)
@@ -275,6 +285,12 @@ def _cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserInputError(f"{run_dir}: no metrics.jsonl; give a run directory such as runs/gpt2-tiny")
     print(plot_run(run_dir, Path(args.out) if args.out else None))
     return 0
+
+
+def _cmd_check(args: argparse.Namespace, overrides: list[str]) -> int:
+    from launcher.health import check_nodes
+
+    return check_nodes(args, overrides)
 
 
 def _cmd_launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:

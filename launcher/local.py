@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,12 +23,18 @@ from bigmodel_dist.config import load_config
 from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.distributed import STOP_FILE_ENV
 from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.faults import faults_from_env
+from bigmodel_dist.metrics_file import append_incident
 from bigmodel_dist.precision import DeviceInfo, detect_device
 from bigmodel_dist.preemption import StopSignals
+from bigmodel_dist.progress import PROGRESS_DIR_ENV
+from bigmodel_dist.suspects import record_suspect_nodes
+from bigmodel_dist.watchdog import HangWatchdog, flight_recorder_env, write_diagnosis
 from launcher.logs import setup_logging
 from launcher.run_inputs import prepare_for, resume_override
 
 log = logging.getLogger(__name__)
+WATCH_INTERVAL_S = 0.5  # how often the hang watchdog reads the ranks' progress
 
 
 def default_nproc_per_node(device: DeviceInfo) -> int:
@@ -73,6 +80,7 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
         raise UserInputError("--nproc-per-node and --nnodes must be >= 1 and 0 <= --node-rank < --nnodes")
     overrides = [*overrides, *resume_override(args)]
     resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, device)
+    faults_from_env()  # a malformed or unallowed fault injection is refused here, in one line
     requeue_code = resolved.config.checkpoint.requeue_exit_code
     signals.watch(resolved.config.checkpoint.stop_signals)
     log.info("config checked for %d process(es) on %s; checking the data", nproc * args.nnodes, device.name)
@@ -93,9 +101,16 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
     command = torchrun_command(args, nproc, overrides)
     log.info("launching %d process(es) on this node: %s", nproc, " ".join(command))
     started = time.time()
-    child = _start_in_own_group(command, {**os.environ, STOP_FILE_ENV: str(stop_file)})
+    progress_dir = stop_file.parent / "progress"
+    progress_dir.mkdir()
+    env = {**os.environ, STOP_FILE_ENV: str(stop_file), PROGRESS_DIR_ENV: str(progress_dir)}
+    if device.has_cuda:
+        env.update(flight_recorder_env(resolved.run_dir))
+    child = _start_in_own_group(command, env)
     _forward_interrupts(child)
-    code = child.wait()
+    code = _supervise(child, HangWatchdog(progress_dir, resolved.config.resilience), resolved.run_dir)
+    if code is None:  # hung: diagnosed and ended
+        return resolved.config.resilience.hang_exit_code
     if _marker_since(resolved.run_dir / "STOPPED", started) or signals.received:
         code = requeue_code
         log.warning("training was asked to stop (%s) and saved what was new; exit %d asks to requeue",
@@ -106,6 +121,37 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
         code = 0
     log.info("run dir %s: config.yaml, metrics.jsonl, checkpoints/ (exit code %d)", resolved.run_dir, code)
     return code
+
+
+def _supervise(child: subprocess.Popen, watchdog: HangWatchdog, run_dir: Path) -> int | None:
+    """torchrun's exit code, or None after a hang: stacks dumped, processes ended, incident recorded."""
+    while True:
+        try:
+            return child.wait(timeout=WATCH_INTERVAL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        hang = watchdog.check()
+        if hang is None:
+            continue
+        folder = write_diagnosis(hang, watchdog.progress_dir, run_dir)
+        _end_tree(child)
+        step = max((p.step for p in hang.ranks), default=0)
+        hosts = [socket.gethostname()] if hang.suspects else []
+        append_incident(run_dir / "metrics.jsonl", "hang", step, host=socket.gethostname(), silent_s=hang.silent_s,
+                        suspects=hang.suspects, diagnosis=str(folder))
+        record_suspect_nodes(hosts)
+        log.error("hang: %s; stacks and positions in %s; ended this node's processes", hang.summary(), folder)
+        return None
+
+
+def _end_tree(child: subprocess.Popen) -> None:
+    """SIGKILL the workers, then torchrun: a hung collective answers nothing gentler."""
+    for pid in [*child_pids(child.pid), child.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    child.wait()
 
 
 def _start_in_own_group(command: list[str], env: dict[str, str]) -> subprocess.Popen:

@@ -1,6 +1,8 @@
 """Slurm: `bigmodel launch slurm` submits slurm/pretrain_gpt.sh; `python -m launcher.slurm preflight`
-is what that script runs first on the batch node (it prints the run's requeue exit code for the script).
-The sbatch script stays thin; the logic lives here.
+is what that script runs first on the batch node (it prints the run's exit codes, whether to run the
+node health check, and the run directory), and `python -m launcher.slurm exclude SUSPECTS_FILE` what
+it runs before requeueing a hung job or one with a bad node (it prints the nodes the next attempt
+must avoid). The sbatch script stays thin; the logic lives here.
 """
 
 from __future__ import annotations
@@ -105,23 +107,80 @@ def _versions() -> str:
     return ", ".join(found)
 
 
+# Node states (sinfo %T, a power-saving suffix stripped) in which a node can run the requeued job.
+USABLE_NODE_STATES = {"idle", "allocated", "mixed", "completing", "planned"}
+
+
+def choose_exclusion(suspects: list[str], excluded: list[str], job_nodes: list[str], partition: dict[str, str],
+                     needed: int) -> tuple[list[str], str]:
+    """(the ExcNodeList for the requeued job, or [] to leave it as it is; why), from the suspect nodes,
+    the job's current exclusions, its nodes, its partition's node states and the node count it needs."""
+    if not suspects:
+        return [], "no suspect node recorded: requeueing without excluding one"
+    if len(job_nodes) > 1 and set(job_nodes) <= set(suspects):
+        return [], (f"every node of the job is suspect ({', '.join(suspects)}): a fault of the job, not of a "
+                    "node; requeueing without excluding one")
+    wanted = sorted(set(excluded) | set(suspects))
+    usable = [node for node, state in partition.items()
+              if node not in wanted and state.rstrip("~#%") in USABLE_NODE_STATES]
+    if len(usable) < needed:
+        return [], (f"suspect node(s) {', '.join(suspects)}, but the partition has {len(usable)} usable node(s) "
+                    f"besides them and the job needs {needed}: requeueing without excluding them")
+    return wanted, f"suspect node(s) {', '.join(suspects)}: the requeued job excludes {','.join(wanted)}"
+
+
+def _exclusion_for_script(suspects_file: str) -> int:
+    """`exclude`: the job's new ExcNodeList on stdout (empty: leave it), the reason in the job log."""
+    from bigmodel_dist.suspects import read_suspect_nodes
+
+    job = os.environ.get("SLURM_JOB_ID", "")
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    current = next((field.split("=", 1)[1] for field in shown.split() if field.startswith("ExcNodeList=")), "")
+    part = os.environ.get("SLURM_JOB_PARTITION")
+    sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T", *(["-p", part] if part else [])],
+                           capture_output=True, text=True).stdout
+    partition = dict(line.split(None, 1) for line in sinfo.splitlines() if len(line.split()) == 2)
+    needed = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or "1")
+    job_nodes = _hostnames(os.environ.get("SLURM_JOB_NODELIST", ""))
+    exclude, why = choose_exclusion(read_suspect_nodes(Path(suspects_file)), _hostnames(current), job_nodes,
+                                    partition, needed)
+    log.warning("job %s: %s", job, why)
+    print(",".join(exclude))
+    return 0
+
+
+def _hostnames(hostlist: str) -> list[str]:
+    if not hostlist or hostlist == "(null)":
+        return []
+    return subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True).stdout.split()
+
+
+USAGE = "usage: python -m launcher.slurm preflight CONFIG [overrides] | exclude SUSPECTS_FILE"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[0] != "preflight":
-        print("usage: python -m launcher.slurm preflight CONFIG [overrides]", file=sys.stderr)
+    if len(argv) < 2 or argv[0] not in ("preflight", "exclude") or (argv[0] == "exclude" and len(argv) != 2):
+        print(USAGE, file=sys.stderr)
         return EXIT_USAGE
     setup_logging()
+    if argv[0] == "exclude":
+        return _exclusion_for_script(argv[1])
     return report_user_errors(lambda: _preflight_for_script(argv[1], argv[2:]))
 
 
 def _preflight_for_script(config: str, overrides: list[str]) -> int:
-    """The pre-flight, with one line on stdout: the run's `checkpoint.requeue_exit_code`. The sbatch
-    script requeues the job when the training step exits with it, so the config is its one source."""
+    """The pre-flight, with one line on stdout for the sbatch script: the run's exit codes that ask for a
+    requeue (`checkpoint.requeue_exit_code`, `resilience.hang_exit_code`, `resilience.bad_node_exit_code`),
+    1 or 0 for `resilience.health_check`, and the absolute run directory (last: it may hold spaces).
+    The config is the script's one source of them."""
     sys.stdout.flush()
     for_script = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what else prints (a library) goes to the job log
     resolved = preflight(config, overrides)
-    print(resolved.config.checkpoint.requeue_exit_code, file=for_script, flush=True)
+    resilience = resolved.config.resilience
+    print(resolved.config.checkpoint.requeue_exit_code, resilience.hang_exit_code, resilience.bad_node_exit_code,
+          int(resilience.health_check), resolved.run_dir.resolve(), file=for_script, flush=True)
     return 0
 
 

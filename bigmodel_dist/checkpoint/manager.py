@@ -176,8 +176,9 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
     # ---- choose -----------------------------------------------------------------------------------
-    def choose_resume(self, resume: str) -> ResumePoint | None:
-        """The checkpoint to resume from, verified by all ranks; newest good one for `latest`."""
+    def choose_resume(self, resume: str, before_step: int | None = None) -> ResumePoint | None:
+        """The checkpoint to resume from, verified by all ranks; newest good one for `latest` (of those
+        saved before `before_step` when given: a rollback's target)."""
         if resume == "none":
             existing = broadcast_from_rank0([p.name for p in step_dirs(self.dir)] if self.facts.is_main else None)
             if existing:
@@ -186,6 +187,8 @@ class CheckpointManager:
             return None
         explicit = resume != "latest"
         candidates = [Path(resume)] if explicit else step_dirs(self.dir)
+        if before_step is not None:
+            candidates = [p for p in candidates if int(p.name.split("_")[-1]) < before_step]
         names = broadcast_from_rank0([str(p) for p in candidates] if self.facts.is_main else None)
         for candidate in map(Path, names):
             verdict = self._verify(candidate)

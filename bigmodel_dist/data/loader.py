@@ -17,17 +17,19 @@ from bigmodel_dist.config.layout import BatchLayout
 from bigmodel_dist.data.sampler import ShuffledOrder, micro_batch_indices
 
 
-def micro_batch(rows, order: ShuffledOrder, layout: BatchLayout, step: int, micro_step: int, rank: int) -> np.ndarray:
-    indices = micro_batch_indices(layout, step, micro_step, rank)
+def micro_batch(rows, order: ShuffledOrder, layout: BatchLayout, step: int, micro_step: int, rank: int,
+                skipped: int = 0) -> np.ndarray:
+    indices = micro_batch_indices(layout, step, micro_step, rank, skipped)
     return np.stack([rows[order[i]] for i in indices]).astype(np.int64)
 
 
 class BatchLoader:
-    """Yields this rank's micro-batches from `start_step` on, `prefetch` ahead of the consumer."""
+    """Yields this rank's micro-batches from `start_step` on, `prefetch` ahead of the consumer.
+    `skipped`: global samples that rollbacks passed over before `start_step` (the cursor's shift)."""
 
     def __init__(self, rows, layout: BatchLayout, rank: int, seed: int, start_step: int = 0,
-                 prefetch: int = 4, pin_memory: bool = False):
-        self._rows, self._layout, self._rank = rows, layout, rank
+                 prefetch: int = 4, pin_memory: bool = False, skipped: int = 0):
+        self._rows, self._layout, self._rank, self.skipped = rows, layout, rank, skipped
         self._order = ShuffledOrder(len(rows), seed)
         self._pin = pin_memory
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -45,7 +47,8 @@ class BatchLoader:
     def _fill(self, start_step: int) -> None:
         try:
             for step, micro_step in self._positions(start_step):
-                batch = torch.from_numpy(micro_batch(self._rows, self._order, self._layout, step, micro_step, self._rank))
+                batch = torch.from_numpy(micro_batch(self._rows, self._order, self._layout, step, micro_step, self._rank,
+                                                       self.skipped))
                 item = (step, micro_step, batch.pin_memory() if self._pin else batch)
                 while not self._stop.is_set():
                     try:
@@ -57,6 +60,10 @@ class BatchLoader:
                     return
         except BaseException as exc:  # surfaced to the consumer, not lost in the thread
             self._queue.put((-1, -1, exc))
+
+    def indices(self, step: int, micro_step: int) -> range:
+        """The global sample indices of this rank's micro-batch at (step, micro_step)."""
+        return micro_batch_indices(self._layout, step, micro_step, self._rank, self.skipped)
 
     def next(self, step: int, micro_step: int) -> torch.Tensor:
         got_step, got_micro, batch = self._queue.get()

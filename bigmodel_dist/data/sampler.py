@@ -1,8 +1,9 @@
 """Which samples each rank reads at each (step, micro-step): seeded, per-epoch shuffled, world-size free.
 
-Optimizer step `s` consumes global samples [s*G, (s+1)*G) whatever the number of ranks; inside it,
-micro-step `m` of rank `r` takes the slice starting at (m * dp + r) * micro. So the position in the data
-is one integer (global samples consumed), and a run may resume on a different world size.
+Optimizer step `s` consumes global samples [s*G, (s+1)*G) whatever the number of ranks (shifted by the
+samples a rollback skipped, see `resilience.py`); inside it, micro-step `m` of rank `r` takes the slice
+starting at (m * dp + r) * micro. So the position in the data is one integer (global samples consumed),
+and a run may resume on a different world size.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ class ShuffledOrder:
         return int(self._perm[offset])
 
 
-def micro_batch_indices(layout: BatchLayout, step: int, micro_step: int, rank: int) -> range:
-    """Global sample indices of one micro-batch of one rank."""
-    start = step * layout.global_batch_size + (micro_step * layout.data_parallel_size + rank) * layout.micro_batch_size
+def micro_batch_indices(layout: BatchLayout, step: int, micro_step: int, rank: int, skipped: int = 0) -> range:
+    """Global sample indices of one micro-batch of one rank; `skipped`: samples passed over by rollbacks."""
+    start = (step * layout.global_batch_size + skipped
+             + (micro_step * layout.data_parallel_size + rank) * layout.micro_batch_size)
     return range(start, start + layout.micro_batch_size)
 
 

@@ -1,0 +1,124 @@
+"""The node's hang watchdog: reads its ranks' progress records, declares a hang, and leaves a diagnosis.
+
+A node is hung when none of its ranks changed step or phase for the phase's limit
+(`resilience.startup_timeout_s` before the first step, `save_timeout_s` while a checkpoint is saved,
+`hang_timeout_s` otherwise). The diagnosis, in `RUN_DIR/logs/hang-<time>-<host>/`: every rank's Python
+stacks (all threads, dumped by the rank itself on SIGUSR2, see `progress.py`), each rank's last step
+and phase (`ranks.json`), and the suspects: the ranks behind the node's most advanced one (a rank
+stuck in its forward pass while the others wait in the gradient all-reduce). On NCCL, PyTorch's
+collective flight recorder is dumped by each rank's NCCL watchdog into the same folder
+(`flight_recorder_env`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bigmodel_dist.config.schema import ResilienceConfig
+from bigmodel_dist.progress import DUMP_SIGNAL, Progress, read_progress
+
+log = logging.getLogger(__name__)
+STACK_DUMP_WAIT_S = 5.0  # a rank's stack dump is a few KB written from a signal handler: quick
+
+
+@dataclass(frozen=True)
+class Hang:
+    silent_s: float  # seconds since the last progress of any rank
+    limit_s: float
+    ranks: list[Progress]
+    suspects: list[int]  # ranks behind the others: where to look first
+
+    def summary(self) -> str:
+        where = ", ".join(f"rank {p.rank} in {p.phase} of step {p.step}" for p in self.ranks) or "no rank started"
+        blame = f"; behind the others: rank(s) {', '.join(map(str, self.suspects))}" if self.suspects else ""
+        return f"no progress on this node for {self.silent_s:.0f}s (limit {self.limit_s:.0f}s): {where}{blame}"
+
+
+class HangWatchdog:
+    """Polled by the node's supervisor (`check()` once a second); pure reading, no threads of its own."""
+
+    def __init__(self, progress_dir: Path, cfg: ResilienceConfig, started: float | None = None):
+        self.progress_dir, self.cfg = progress_dir, cfg
+        self._started = time.monotonic() if started is None else started
+
+    def limit_for(self, ranks: list[Progress]) -> float:
+        if any(p.phase == "save" for p in ranks):
+            return self.cfg.save_timeout_s
+        if not ranks or any(p.phase == "startup" for p in ranks):
+            return self.cfg.startup_timeout_s
+        return self.cfg.hang_timeout_s
+
+    def check(self, now: float | None = None) -> Hang | None:
+        now = time.monotonic() if now is None else now
+        ranks = [p for p in read_progress(self.progress_dir) if p.phase != "done"]
+        if not ranks and any(p.phase == "done" for p in read_progress(self.progress_dir)):
+            return None  # finished: shutting down
+        last = max([p.at for p in ranks], default=self._started)
+        limit = self.limit_for(ranks)
+        if now - last < limit:
+            return None
+        return Hang(now - last, limit, ranks, suspects_of(ranks))
+
+
+def suspects_of(ranks: list[Progress]) -> list[int]:
+    """Ranks at an earlier (step, phase) than the node's most advanced rank; none when all are level."""
+    if len(ranks) < 2:
+        return []
+    ahead = max(p.position() for p in ranks)
+    return sorted(p.rank for p in ranks if p.position() < ahead)
+
+
+def write_diagnosis(hang: Hang, progress_dir: Path, run_dir: Path) -> Path:
+    """Ask every rank for its stacks, then gather them with the records into a new hang folder."""
+    for p in hang.ranks:
+        try:
+            os.kill(p.pid, DUMP_SIGNAL)
+        except ProcessLookupError:
+            pass
+    _wait_for_dumps(progress_dir, [p.rank for p in hang.ranks])
+    host = socket.gethostname()
+    folder = run_dir / "logs" / f"hang-{time.strftime('%Y%m%d-%H%M%S')}-{host}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in hang.ranks:
+        stacks = progress_dir / f"rank-{p.rank}.stacks"
+        if stacks.exists():
+            (folder / f"rank-{p.rank}.stacks.txt").write_text(stacks.read_text(errors="replace"))
+    report = {"host": host, "silent_s": hang.silent_s, "limit_s": hang.limit_s, "suspects": hang.suspects,
+              "ranks": [asdict(p) for p in hang.ranks]}
+    (folder / "ranks.json").write_text(json.dumps(report, indent=1) + "\n")
+    return folder
+
+
+def _wait_for_dumps(progress_dir: Path, ranks: list[int]) -> None:
+    """Until every rank's stack file has content that stopped growing (bounded: a dead rank writes none)."""
+    deadline = time.monotonic() + STACK_DUMP_WAIT_S
+    sizes: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        now = {r: _size(progress_dir / f"rank-{r}.stacks") for r in ranks}
+        if all(now[r] > 0 for r in ranks) and now == sizes:
+            return
+        sizes = now
+        time.sleep(0.2)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def flight_recorder_env(run_dir: Path) -> dict[str, str]:
+    """NCCL only: keep a ring of recent collectives per rank and dump it when a collective times out, into
+    the run's logs (PyTorch's flight recorder; gloo has none)."""
+    return {
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000"),
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(run_dir / "logs" / "nccl-flight-recorder-rank-"),
+    }
