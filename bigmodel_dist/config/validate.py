@@ -77,9 +77,30 @@ def resolve_run(cfg: Config, world_size: int, device: DeviceInfo | None = None) 
     _check_data_paths(cfg)
     _check_tokenizer_fits(cfg, shape.vocab_size)
     _check_resume_path(cfg.checkpoint.resume)
+    _check_save_timeout(cfg, count_parameters(shape), world_size)
     run_dir = run_dir_of(cfg)
     _check_writable(run_dir, "output_dir")
     return ResolvedRun(cfg, run_dir, layout, source, ds, notes, shape, count_parameters(shape), precision_reason)
+
+
+# For the save-timeout check: a checkpoint holds fp32 weights and two Adam moments (12 bytes/parameter),
+# written by up to 8 ranks per node at a modest 0.5 GB/s per node. Pessimistic on purpose.
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+RANKS_PER_NODE_ASSUMED = 8
+NODE_WRITE_BYTES_PER_S = 0.5e9
+
+
+def estimated_save_s(num_params: int, world_size: int) -> float:
+    nodes = max(1.0, world_size / RANKS_PER_NODE_ASSUMED)
+    return CHECKPOINT_BYTES_PER_PARAMETER * num_params / nodes / NODE_WRITE_BYTES_PER_S
+
+
+def _check_save_timeout(cfg: Config, num_params: int, world_size: int) -> None:
+    """The watchdog must not call a long save a hang."""
+    estimate = estimated_save_s(num_params, world_size)
+    if cfg.resilience.save_timeout_s < estimate:
+        raise ConfigError("resilience.save_timeout_s", f"{cfg.resilience.save_timeout_s:g}s is shorter than a checkpoint "
+                          f"save of this model is estimated to take ({estimate:.0f}s at 0.5 GB/s per node); raise it")
 
 
 def model_state_bytes_per_rank(num_params: int, zero_stage: int, precision: str, dp: int) -> dict[str, float]:

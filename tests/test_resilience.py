@@ -1,0 +1,158 @@
+"""Dirty failures end in a defined state: a hung rank is diagnosed and ended (exit 86) and a restart
+finishes the run; a poisoned batch is skipped, then rolled back past, exactly and deterministically; a
+slow rank is named as a straggler. Faults are injected into real 2-rank ZeRO-2 runs (gloo) through the
+test-only `BIGMODEL_FAULTS`."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta, step_dir_name
+from bigmodel_dist.config.schema import ResilienceConfig
+from bigmodel_dist.faults import ALLOW_ENV, FAULTS_ENV
+from bigmodel_dist.metrics_file import read_metrics
+
+from .cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
+from .conftest import TINY
+from .launching import launch_local_command, losses
+
+GLOBAL_BATCH = 8  # TINY's: step s reads samples [8 (s - 1), 8 s)
+HANG_TIMEOUT_S = 5
+DETECTION_SLACK_S = 5  # the watchdog polls twice a second; this only guards against a missed hang
+
+
+def _faulty(env: dict[str, str], faults: str) -> dict[str, str]:
+    return {**env, FAULTS_ENV: faults, ALLOW_ENV: "1"}
+
+
+def _launch(tmp_path, data_cache, env, *overrides: str):
+    return run_command(launch_local_command(*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+                                            "--train.eval_every=0", *overrides), env=env)
+
+
+def test_a_hung_rank_is_diagnosed_ended_and_the_restart_finishes(tmp_path, data_cache, cli_env):
+    run_dir = tmp_path / "gpt2-tiny"
+    hung = _launch(tmp_path, data_cache, _faulty(cli_env, "hang:rank=1,step=5"), "--train.max_steps=8",
+                   "--checkpoint.every=4", f"--resilience.hang_timeout_s={HANG_TIMEOUT_S}")
+    output = hung.stdout + hung.stderr
+    assert hung.returncode == ResilienceConfig().hang_exit_code, output[-4000:]
+    assert "Traceback" not in output
+    (folder,) = (run_dir / "logs").glob("hang-*")
+    report = json.loads((folder / "ranks.json").read_text())
+    assert HANG_TIMEOUT_S <= report["silent_s"] < HANG_TIMEOUT_S + DETECTION_SLACK_S
+    assert report["suspects"] == [1]  # behind rank 0, which waits in the gradient all-reduce
+    positions = {r["rank"]: (r["step"], r["phase"]) for r in report["ranks"]}
+    assert positions[1] == (5, "forward")
+    stuck = _current_thread(folder / "rank-1.stacks.txt")
+    waiting = _current_thread(folder / "rank-0.stacks.txt")
+    assert "_sleep_for_ever" in stuck and "in_forward" in stuck
+    assert re.search(r"all_reduce|reduce_scatter|all_gather|broadcast", waiting), waiting
+    (incident,) = read_metrics(run_dir / "metrics.jsonl").incidents
+    assert incident["event"] == "hang" and incident["suspects"] == [1] and incident["diagnosis"] == str(folder)
+
+    restarted = _launch(tmp_path, data_cache, cli_env, "--train.max_steps=8", "--checkpoint.every=4")
+    assert restarted.returncode == 0, (restarted.stdout + restarted.stderr)[-4000:]
+    assert "resumed from" in restarted.stderr and "at step 4" in restarted.stderr
+    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 8
+
+
+def _current_thread(stacks) -> str:
+    """The main thread's frames in a faulthandler dump (the thread that was running the loop)."""
+    text = stacks.read_text()
+    return text.split("Current thread")[1].split("\n\n")[0] if "Current thread" in text else text
+
+
+POISON = f"nan:samples={4 * GLOBAL_BATCH}-{7 * GLOBAL_BATCH}"  # steps 5, 6 and 7 read it
+POISONED_RUN = ["--train.max_steps=10", "--checkpoint.every=4", "--resilience.max_bad_steps=3"]
+
+
+def test_a_poisoned_batch_is_skipped_then_rolled_back_past_exactly(tmp_path, data_cache, cli_env):
+    straight = _launch(tmp_path / "a", data_cache, _faulty(cli_env, POISON), *POISONED_RUN)
+    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
+    run_a = tmp_path / "a" / "gpt2-tiny"
+    history = read_metrics(run_a / "metrics.jsonl")
+    assert [i["event"] for i in history.incidents] == ["skip", "skip", "skip", "rollback"]
+    rollback = history.incidents[-1]
+    assert (rollback["step"], rollback["to_step"], rollback["lost_steps"]) == (7, 4, 3)
+    assert rollback["skipped_samples"] == [4 * GLOBAL_BATCH, 7 * GLOBAL_BATCH]
+    finals = losses(run_a)
+    assert sorted(finals) == list(range(1, 11)) and all(math.isfinite(v) for v in finals.values())
+    state = _final_train_state(run_a, 10)
+    assert state["rollbacks"] == 1 and state["skipped_ranges"] == [[32, 56]] and state["skipped_steps"] == 3
+    assert state["samples_seen"] == 10 * GLOBAL_BATCH + 24  # the cursor passed over the poisoned window
+
+    # The same poisoned data, stopped after step 8 (a token budget) and resumed: the same recovery,
+    # and the resume after the rollback continues bit-exactly.
+    first = _launch(tmp_path / "b", data_cache, _faulty(cli_env, POISON), *POISONED_RUN,
+                    f"--train.max_tokens={8 * GLOBAL_BATCH * 128}")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    resumed = _launch(tmp_path / "b", data_cache, cli_env, *POISONED_RUN)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    run_b = tmp_path / "b" / "gpt2-tiny"
+    assert losses(run_b) == finals
+    assert _comparable(_final_train_state(run_b, 10)) == _comparable(state)
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_a_loss_spike_is_skipped_and_rolled_back_in_bf16(tmp_path, data_cache, cli_env, precision):
+    spike = f"spike:samples={5 * GLOBAL_BATCH}-{7 * GLOBAL_BATCH},scale=50"  # steps 6 and 7
+    result = _launch(tmp_path, data_cache, _faulty(cli_env, spike), "--train.max_steps=9", "--checkpoint.every=4",
+                     f"--train.precision={precision}", "--resilience.max_bad_steps=2", "--resilience.spike_window=10")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    run_dir = tmp_path / "gpt2-tiny"
+    incidents = read_metrics(run_dir / "metrics.jsonl").incidents
+    assert [i["event"] for i in incidents] == ["skip", "skip", "rollback"]
+    assert "loss spike" in incidents[0]["reason"]
+    assert incidents[-1]["skipped_samples"] == [4 * GLOBAL_BATCH, 7 * GLOBAL_BATCH]  # from the step-4 checkpoint
+    assert all(math.isfinite(v) and v < 20 for v in losses(run_dir).values())
+    assert _final_train_state(run_dir, 9)["rollbacks"] == 1
+
+
+def test_a_slow_rank_is_reported_as_a_straggler_by_rank_and_host(tmp_path, data_cache, cli_env):
+    result = _launch(tmp_path, data_cache, _faulty(cli_env, "slow:rank=1,seconds=0.5"), "--train.max_steps=4",
+                     "--checkpoint.every=0", "--resilience.straggler_intervals=2", "--resilience.straggler_factor=1.5")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    (incident,) = read_metrics(tmp_path / "gpt2-tiny" / "metrics.jsonl").incidents
+    assert incident["event"] == "straggler" and incident["rank"] == 1 and incident["host"]
+    assert incident["step"] == 2 and incident["compute_s"] > 1.5 * incident["median_s"]
+    assert "straggler at step 2" in result.stderr
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({FAULTS_ENV: "hang:rank=1,step=3"}, ALLOW_ENV),  # never active by accident
+    ({FAULTS_ENV: "explode:rank=1", ALLOW_ENV: "1"}, "unknown fault 'explode'"),
+    ({FAULTS_ENV: "hang:rank=1", ALLOW_ENV: "1"}, "hang takes"),
+])
+def test_fault_injection_is_refused_unless_well_formed_and_allowed(tmp_path, cli_env, env, needle):
+    result = run_cli(["launch", "local", TINY_CONFIG, f"--output_dir={tmp_path}"], env={**cli_env, **env})
+    assert_one_line_error(result, FAULTS_ENV, needle)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--resilience.hang_timeout_s=0", "resilience.hang_timeout_s"),
+    ("--resilience.startup_timeout_s=-1", "resilience.startup_timeout_s"),
+    ("--resilience.max_bad_steps=0", "resilience.max_bad_steps"),
+    ("--resilience.spike_factor=0.5", "resilience.spike_factor"),
+    ("--resilience.hang_exit_code=85", "resilience.hang_exit_code"),
+    ("--resilience.save_timeout_s=1", "resilience.save_timeout_s"),  # a gpt2-124m save takes longer
+])
+def test_bad_resilience_settings_are_one_line_errors(tmp_path, cli_env, override, field):
+    result = run_cli(["validate", TINY_CONFIG, "--model.preset=gpt2-124m", f"--output_dir={tmp_path}",
+                      override], env=cli_env)
+    assert_one_line_error(result, field)
+
+
+def _final_train_state(run_dir, step: int) -> dict:
+    meta, problem = read_checkpoint_meta(run_dir / "checkpoints" / step_dir_name(step))
+    assert problem is None, problem
+    return meta["train_state"]
+
+
+def _comparable(state: dict) -> dict:
+    """A train state without its clocks (wall times differ between runs)."""
+    return {k: v for k, v in state.items() if k not in ("run_started_at", "productive_s", "wandb_run_id")}
+
