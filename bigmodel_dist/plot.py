@@ -1,7 +1,9 @@
 """`bigmodel plot RUN_DIR`: loss, eval loss, tokens/s and lr over steps from metrics.jsonl, as one PNG.
 
-Restarts are drawn as vertical lines at the step each resumed from; the curves are the deduplicated
-history (steps redone after a resume appear once, from the run that counted).
+Restarts are drawn as vertical lines at the step each resumed from; incidents (hangs, bad nodes,
+stragglers, skipped steps, rollbacks) as markers at their step on the loss panel, one colour per kind.
+The curves are the deduplicated history (steps redone after a resume appear once, from the run that
+counted).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from bigmodel_dist.metrics_file import read_metrics
 log = logging.getLogger(__name__)
 
 PANELS = (("loss", "eval/loss", "loss"), ("tokens_per_s", None, "tokens/s"), ("lr", None, "learning rate"))
+INCIDENT_STYLE = {"hang": ("X", "black"), "bad_node": ("s", "purple"), "straggler": ("v", "orange"),
+                  "skip": ("x", "red"), "rollback": ("<", "darkred")}
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
@@ -40,13 +44,24 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
             axis.axvline(restart["step"], color="red", linestyle="--", linewidth=0.8)
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    axes[0].legend(loc="upper right")
     if history.restarts:
         axes[0].plot([], [], "r--", label="restart (resumed from)")
-        axes[0].legend(loc="upper right")
+    _mark_incidents(axes[0], history.incidents)
+    axes[0].legend(loc="upper right")
     axes[-1].set_xlabel("step")
-    figure.suptitle(f"{run_dir.name}: {history.last_step()} steps, {len(history.restarts)} restart(s)")
+    figure.suptitle(f"{run_dir.name}: {history.last_step()} steps, {len(history.restarts)} restart(s), "
+                    f"{len(history.incidents)} incident(s)")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out
+
+
+def _mark_incidents(axis, incidents: list[dict]) -> None:
+    """One marker per incident at the bottom of the panel, labelled once per kind."""
+    bottom = axis.get_ylim()[0]
+    for kind, (marker, colour) in INCIDENT_STYLE.items():
+        steps = [i["step"] for i in incidents if i["event"] == kind]
+        if steps:
+            axis.plot(steps, [bottom] * len(steps), marker, color=colour, markersize=8, linestyle="none",
+                      label=f"{kind} ({len(steps)})", clip_on=False)

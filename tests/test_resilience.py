@@ -67,7 +67,8 @@ def _current_thread(stacks) -> str:
 
 
 POISON = f"nan:samples={4 * GLOBAL_BATCH}-{7 * GLOBAL_BATCH}"  # steps 5, 6 and 7 read it
-POISONED_RUN = ["--train.max_steps=10", "--checkpoint.every=4", "--resilience.max_bad_steps=3"]
+POISONED_RUN = ["--train.max_steps=10", "--checkpoint.every=4", "--resilience.max_bad_steps=3",
+                "--logging.wandb_mode=offline"]
 
 
 def test_a_poisoned_batch_is_skipped_then_rolled_back_past_exactly(tmp_path, data_cache, cli_env):
@@ -84,6 +85,10 @@ def test_a_poisoned_batch_is_skipped_then_rolled_back_past_exactly(tmp_path, dat
     state = _final_train_state(run_a, 10)
     assert state["rollbacks"] == 1 and state["skipped_ranges"] == [[32, 56]] and state["skipped_steps"] == 3
     assert state["samples_seen"] == 10 * GLOBAL_BATCH + 24  # the cursor passed over the poisoned window
+    (wandb_file,) = (run_a / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"incident/rollback" in wandb_file.read_bytes() and b"incident/skip" in wandb_file.read_bytes()
+    plot = run_cli(["plot", str(run_a)], env=cli_env)
+    assert plot.returncode == 0 and (run_a / "metrics.png").stat().st_size > 20_000, plot.stderr
 
     # The same poisoned data, stopped after step 8 (a token budget) and resumed: the same recovery,
     # and the resume after the rollback continues bit-exactly.
