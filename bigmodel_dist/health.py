@@ -6,11 +6,12 @@ rank gets the same `HealthReport`. `bigmodel check` (launcher/health.py) runs it
 Slurm script runs that on every node before training and requeues a job with a bad node without it.
 
 What is compared: **nodes**, ranks grouped by hostname, each as fast as its slowest rank (one slow GPU
-drags every step of the run). A node is bad when its matmul throughput is below the median node's
-divided by `resilience.health_slow_factor`, when a GPU of it has less free memory than the median by the
-same factor (a stray process holding it), or when a rank of it failed its measurements. With a single
-node there is no other node to compare with, so its **ranks** are compared instead, each named
-"rank R on host H" (a slow rank there still names its host as the suspect). Throughput against the
+drags every step of the run). A node is bad when its matmul throughput is below the median of the
+other nodes divided by `resilience.health_slow_factor`, when a GPU of it has less free memory than the
+others' median by the same factor (a stray process holding it), or when a rank of it failed its
+measurements. With a single node there is no other node to compare with, so its **ranks** are compared
+instead, each named "rank R on host H" (a slow rank there still names its host as the suspect). On
+CPU the ranks of a node take turns at the matmul, so that they do not measure each other's load. Throughput against the
 device's expected peak (`bigmodel_dist/metrics.py`'s table) is reported, not judged: the reachable
 fraction differs between models of one name (H100 SXM vs PCIe).
 
@@ -236,8 +237,11 @@ def run_health_check(facts: DistributedFacts, resilience: ResilienceConfig, logg
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     sizes = sizes or (GPU_SIZES if on_gpu else CPU_SIZES)
-    dist.barrier()  # the matmuls start together: on CPU the ranks share the cores
-    mine = probe_rank(facts.rank, device, logging_cfg, faults, sizes)
+    # GPUs are measured together, as they will run; a node's CPU ranks take turns, as they share the cores
+    for turn in range(1 if on_gpu else facts.local_world_size):
+        dist.barrier()
+        if on_gpu or turn == facts.local_rank:
+            mine = probe_rank(facts.rank, device, logging_cfg, faults, sizes)
     mine = replace(mine, allreduce_s=measure_allreduce(device, sizes, facts.world_size))
     gathered: list[Any] = [None] * facts.world_size
     dist.all_gather_object(gathered, mine)
@@ -254,25 +258,27 @@ def judge(ranks: list[RankHealth], slow_factor: float, on_gpu: bool) -> list[Uni
     for r in sorted(ranks, key=lambda r: r.rank):
         groups.setdefault(f"rank {r.rank} on host {r.host}" if per_rank else r.host, []).append(r)
     units = [_unit(name, members, on_gpu) for name, members in groups.items()]
-    tflops = [u.matmul_tflops for u in units if u.matmul_tflops is not None]
-    free = [u.memory_free_bytes for u in units if u.memory_free_bytes is not None]
-    median_tflops = statistics.median(tflops) if tflops else None
-    median_free = statistics.median(free) if free else None
     judged = []
     for unit, members in zip(units, groups.values()):
+        others = [u for u in units if u is not unit]
+        tflops = _median([u.matmul_tflops for u in others])
+        free = _median([u.memory_free_bytes for u in others])
         failed = [r for r in members if r.error]
         problem = None
         if failed:
             problem = f"failed on rank {failed[0].rank}: {failed[0].error}"
-        elif median_tflops and unit.matmul_tflops is not None and unit.matmul_tflops < median_tflops / slow_factor:
-            problem = (f"matmul {unit.matmul_tflops:.3g} TFLOP/s is below the median {median_tflops:.3g} / "
-                       f"{slow_factor:g}")
-        elif on_gpu and median_free and unit.memory_free_bytes is not None \
-                and unit.memory_free_bytes < median_free / slow_factor:
-            problem = (f"{unit.memory_free_bytes / GIB:.1f} GiB GPU memory free, below the median "
-                       f"{median_free / GIB:.1f} GiB / {slow_factor:g} (another process holds it?)")
+        elif tflops and unit.matmul_tflops is not None and unit.matmul_tflops < tflops / slow_factor:
+            problem = f"matmul {unit.matmul_tflops:.3g} TFLOP/s is below the others' median {tflops:.3g} / {slow_factor:g}"
+        elif on_gpu and free and unit.memory_free_bytes is not None and unit.memory_free_bytes < free / slow_factor:
+            problem = (f"{unit.memory_free_bytes / GIB:.1f} GiB GPU memory free, below the others' median "
+                       f"{free / GIB:.1f} GiB / {slow_factor:g} (another process holds it?)")
         judged.append(replace(unit, problem=problem))
     return judged
+
+
+def _median(values: list[Any]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def _unit(name: str, members: list[RankHealth], on_gpu: bool) -> UnitHealth:
@@ -287,7 +293,7 @@ def _unit(name: str, members: list[RankHealth], on_gpu: bool) -> UnitHealth:
 
 
 def _unit_line(unit: UnitHealth) -> str:
-    where = unit.name if unit.name.startswith("rank ") else f"{unit.name}: {_ranks_text(unit.ranks)}"
+    where = unit.name if unit.name.startswith("rank ") else f"{unit.name} ({_ranks_text(unit.ranks)})"
     parts = [where, unit.device]
     if unit.matmul_tflops is not None:
         peak = f" ({unit.matmul_tflops / unit.peak_tflops:.0%} of peak {unit.peak_tflops:g})" if unit.peak_tflops else ""

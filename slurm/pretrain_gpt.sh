@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPT pretraining on Slurm: sbatch [sbatch options] slurm/pretrain_gpt.sh CONFIG [--section.field=value ...]
 #
-# One srun task per node runs `bigmodel launch local`, which starts torchrun (c10d rendezvous on the
-# first node) and forwards stop signals to the workers. Preempted or near its time limit, the job saves
-# one checkpoint, exits with the config's checkpoint.requeue_exit_code (85 unless changed; the pre-flight
-# prints it) and is requeued; the run directory is keyed by the run name, so the requeued job resumes
-# where it stopped. Resources below are defaults: override them on the sbatch command line.
+# First `bigmodel check` on every node (resilience.health_check); then one srun task per node runs
+# `bigmodel launch local`, which starts torchrun (c10d rendezvous on the first node) and forwards stop
+# signals to the workers. Preempted or near its time limit, the job saves one checkpoint, exits with the
+# config's checkpoint.requeue_exit_code (85 unless changed) and is requeued; a hang (86) or a bad node
+# (87) is requeued too, excluding the suspect nodes when the partition has others to spare. The codes
+# come from the config through the pre-flight. The run directory is keyed by the run name, so the
+# requeued job resumes where it stopped. Resources below are defaults: override them on the sbatch line.
 #SBATCH --job-name=bigmodel-pretrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -35,32 +37,63 @@ NPROC_PER_NODE=${BIGMODEL_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 export MASTER_ADDR MASTER_PORT NPROC_PER_NODE
 
 # All checks live in Python: versions, node list, config, GPUs per node. Exit 2 = do not retry.
-# Its one line of output is the config's checkpoint.requeue_exit_code.
-REQUEUE_EXIT_CODE=$(python -m launcher.slurm preflight "$@") || exit $?
+# Its one line of output: the config's requeue, hang and bad-node exit codes, whether to run the
+# health check (1/0), and the run directory.
+PREFLIGHT=$(python -m launcher.slurm preflight "$@") || exit $?
+read -r REQUEUE_EXIT_CODE HANG_EXIT_CODE BAD_NODE_EXIT_CODE HEALTH_CHECK RUN_DIR <<< "$PREFLIGHT"
+# Whoever names a bad or hung node appends it here (shared file system, one file per attempt).
+export BIGMODEL_SUSPECT_NODES_FILE="$RUN_DIR/logs/suspect-nodes-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}.txt"
 
-if [[ "$MODE" == tasks ]]; then   # ranks from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS
-    srun --ntasks-per-node="$NPROC_PER_NODE" --label python -m launcher.cli train "$@" &
-else
-    srun --ntasks-per-node=1 --label bash -c 'exec python -m launcher.cli launch local "$@" \
+STEP_PID=""; STOP_SIGNAL=""
+# srun forwards USR1/TERM to every task; `cmd & wait` lets this shell run the trap at once. A signal
+# during the health check is remembered: no training then, and the job asks to be requeued.
+stop() { echo "batch: got $1, asking training to stop" >&2; STOP_SIGNAL=$1; [[ -z $STEP_PID ]] || kill -"$1" "$STEP_PID"; }
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
+
+CODE=0
+if [[ "$HEALTH_CHECK" == 1 ]]; then   # one task per node; its own rendezvous port
+    HEALTH_PORT=$((40000 + SLURM_JOB_ID % 20000)); export HEALTH_PORT
+    srun --ntasks-per-node=1 --label bash -c 'exec python -m launcher.cli check "$@" \
         --nproc-per-node="$NPROC_PER_NODE" --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID" \
-        --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT"' bigmodel "$@" &
+        --master-addr="$MASTER_ADDR" --master-port="$HEALTH_PORT"' bigmodel "$@"
+    CODE=$?
+    [[ $CODE -eq 0 ]] || echo "batch: node health check failed (exit $CODE); not training" >&2
 fi
-STEP_PID=$!
-# srun forwards USR1/TERM to every task; `cmd & wait` lets this shell run the trap at once.
-trap 'echo "batch: got USR1, asking training to stop" >&2; kill -USR1 $STEP_PID' USR1
-trap 'echo "batch: got TERM, asking training to stop" >&2; kill -TERM $STEP_PID' TERM
-while :; do
-    wait "$STEP_PID"; CODE=$?          # > 128 when a trapped signal interrupted the wait
-    kill -0 "$STEP_PID" 2>/dev/null || break
-done
-if [[ $CODE -gt 128 ]]; then           # the step ended right after the signal: collect its real status
-    wait "$STEP_PID"; LAST=$?; [[ $LAST -ne 127 ]] && CODE=$LAST
+if [[ -n "$STOP_SIGNAL" && $CODE -eq 0 ]]; then
+    echo "batch: $STOP_SIGNAL before training started: nothing to save; exit $REQUEUE_EXIT_CODE asks to requeue" >&2
+    CODE=$REQUEUE_EXIT_CODE
+elif [[ $CODE -eq 0 ]]; then
+    if [[ "$MODE" == tasks ]]; then   # ranks from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS
+        srun --ntasks-per-node="$NPROC_PER_NODE" --label python -m launcher.cli train "$@" &
+    else
+        srun --ntasks-per-node=1 --label bash -c 'exec python -m launcher.cli launch local "$@" \
+            --nproc-per-node="$NPROC_PER_NODE" --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID" \
+            --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT"' bigmodel "$@" &
+    fi
+    STEP_PID=$!
+    while :; do
+        wait "$STEP_PID"; CODE=$?          # > 128 when a trapped signal interrupted the wait
+        kill -0 "$STEP_PID" 2>/dev/null || break
+    done
+    if [[ $CODE -gt 128 ]]; then           # the step ended right after the signal: collect its real status
+        wait "$STEP_PID"; LAST=$?; [[ $LAST -ne 127 ]] && CODE=$LAST
+    fi
 fi
 
-if [[ $CODE -eq $REQUEUE_EXIT_CODE ]]; then
+if [[ $CODE -eq $REQUEUE_EXIT_CODE || $CODE -eq $HANG_EXIT_CODE || $CODE -eq $BAD_NODE_EXIT_CODE ]]; then
     if [[ ${SLURM_RESTART_COUNT:-0} -lt $MAX_REQUEUES ]]; then
-        echo "batch: training saved and stopped; requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})" >&2
+        EXCLUDE=""   # a hang or a bad node: the suspects to avoid, if the partition can spare them
+        [[ $CODE -eq $REQUEUE_EXIT_CODE ]] || EXCLUDE=$(python -m launcher.slurm exclude "$BIGMODEL_SUSPECT_NODES_FILE")
+        echo "batch: exit $CODE; requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})" >&2
+        trap '' TERM USR1   # the requeue TERMs the job; ignored here and by the scontrol calls below
         scontrol requeue "$SLURM_JOB_ID"
+        # A running job's ExcNodeList cannot change; a requeued one's can, until it starts again.
+        for TRY in 1 2 3 4 5; do
+            [[ -n "$EXCLUDE" ]] || break
+            scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$EXCLUDE" && break
+            [[ $TRY -lt 5 ]] && sleep 1 || echo "batch: could not set ExcNodeList=$EXCLUDE" >&2
+        done
     else
         echo "batch: requeue limit $MAX_REQUEUES reached; not requeueing" >&2
     fi

@@ -23,9 +23,11 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 
 
 def _submit(tmp_path: Path, data_cache: Path, env, *args: str) -> subprocess.CompletedProcess:
-    """`bigmodel launch slurm` of the tiny run; `args`: its flags and overrides."""
+    """`bigmodel launch slurm` of the tiny run; `args`: its flags and overrides. The node health check
+    (seconds per attempt) is off unless a test turns it on: the tests that are about it do."""
     return run_cli(["launch", "slurm", TINY_CONFIG, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
-                    "--train.eval_every=0", "--logging.wandb_mode=disabled", *args], env=env)
+                    "--train.eval_every=0", "--logging.wandb_mode=disabled", "--resilience.health_check=false",
+                    *args], env=env)
 
 
 def _job_id(result: subprocess.CompletedProcess) -> str:
@@ -70,8 +72,10 @@ def test_one_node_two_processes_zero2(slurm_cluster, tmp_path, data_cache, cli_e
 @pytest.mark.parametrize("mode", ["torchrun", "tasks"])
 def test_two_nodes_zero3_every_node_takes_part(slurm_cluster, tmp_path, data_cache, cli_env, mode):
     env = {**cli_env, "BIGMODEL_SLURM_MODE": mode}  # tasks: srun starts the ranks, no torchrun
+    health_check = mode == "torchrun"  # once across nodes: each node's `bigmodel check`, one process group
     job = _job_id(_submit(tmp_path, data_cache, env, "--nodes=2", "--nproc-per-node=1", "--name=two",
-                          "--train.max_steps=3", "--deepspeed.config=zero3"))
+                          "--train.max_steps=3", "--deepspeed.config=zero3",
+                          f"--resilience.health_check={str(health_check).lower()}"))
     run_dir = tmp_path / "two"
     assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
     meta = json.loads((run_dir / "checkpoints" / "step_00000003" / "bigmodel_meta.json").read_text())
@@ -82,8 +86,33 @@ def test_two_nodes_zero3_every_node_takes_part(slurm_cluster, tmp_path, data_cac
     # srun --label prefixes each line with its task number: both nodes' ranks ran and logged
     if mode == "torchrun":
         assert re.search(r"^0: .*launching 1 process", log, re.M) and re.search(r"^1: .*launching 1 process", log, re.M)
+        for node in ("n1", "n2"):  # the health check's report, one line per node, from the task of rank 0
+            assert re.search(rf"^\d: {node} \(rank \d\): CPU .*: ok$", log, re.M), log[-3000:]
+        assert re.search(r"^\d: health check: 2 node\(s\) healthy", log, re.M), log[-3000:]
     else:
         assert re.search(r"^0: .*\[rank 0/2\]", log, re.M) and re.search(r"^1: ", log, re.M)
+
+
+def test_a_bad_node_is_requeued_elsewhere_and_the_run_finishes(slurm_cluster, tmp_path, data_cache, cli_env):
+    """The first attempt's health check finds a slow rank (injected, first attempt only): exit 87, the
+    job is requeued excluding that node, and the second attempt passes its check and trains."""
+    hook = tmp_path / "hook.sh"  # sourced by the batch script: the fault in the first attempt only
+    hook.write_text('if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then\n'
+                    '  export BIGMODEL_FAULTS="slow_node:rank=1,factor=4" BIGMODEL_ALLOW_FAULTS=1\nfi\n')
+    env = {**cli_env, "BIGMODEL_ENV_HOOK": str(hook)}
+    job = _job_id(_submit(tmp_path, data_cache, env, "--nodes=1", "--nproc-per-node=2", "--name=bad",
+                          "--train.max_steps=2", "--resilience.health_check=true"))
+    run_dir = tmp_path / "bad"
+    assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
+    log = _log(run_dir, job)
+    first = re.search(rf"job {job} \(restart 0\) on (n\d)", log).group(1)
+    other = {"n1": "n2", "n2": "n1"}[first]
+    assert re.search(rf"health check: BAD rank 1 on host {first}", log), log[-3000:]
+    assert _job_field(job, "Restarts") == "1" and _job_field(job, "ExcNodeList") == first
+    assert f"job {job} (restart 1) on {other}" in log and "health check: 2 rank(s) of one node healthy" in log
+    assert (run_dir / "logs" / f"suspect-nodes-{job}-0.txt").read_text() == f"{first}\n"
+    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 2
+    assert len(list((run_dir / "logs").glob("health-*.json"))) == 2
 
 
 PREEMPT_RUN = ["--train.max_steps=30", "--checkpoint.every=0"]  # with _submit's overrides: conftest.RESUME_RUN
