@@ -20,14 +20,16 @@ from .guards import HANG_GUARD_S
 SCRIPT = REPO / "slurm" / "pretrain_gpt.sh"
 JOB_ID = "4242"
 
-# The health check step exits $FAKE_CHECK_EXIT (default 0), the training step $FAKE_STEP_EXIT; a step
-# that fails names $FAKE_SUSPECT (if set) in the suspects file, as `bigmodel check` or the watchdog would.
+# The health check step exits $FAKE_CHECK_EXIT (default 0), after sending $FAKE_CHECK_SIGNAL (if set) to
+# the batch shell; the training step exits $FAKE_STEP_EXIT. A step that fails names $FAKE_SUSPECT (if
+# set) in the suspects file, as `bigmodel check` or the hang watchdog would.
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "srun $*" >> "$FAKE_CALLS"
 CODE=$FAKE_STEP_EXIT
 if [[ "$*" == *"launcher.cli check"* ]]; then
     CODE=${FAKE_CHECK_EXIT:-0}
     echo "suspects file $BIGMODEL_SUSPECT_NODES_FILE" >> "$FAKE_CALLS"
+    [[ -z "${FAKE_CHECK_SIGNAL:-}" ]] || kill -"$FAKE_CHECK_SIGNAL" "$PPID"   # to the batch shell
 fi
 if [[ $CODE -ne 0 && -n "${FAKE_SUSPECT:-}" ]]; then
     mkdir -p "$(dirname "$BIGMODEL_SUSPECT_NODES_FILE")" && echo "$FAKE_SUSPECT" >> "$BIGMODEL_SUSPECT_NODES_FILE"
@@ -102,6 +104,13 @@ def test_a_bad_node_is_requeued_without_that_node(tmp_path):
     requeue = calls.index(f"scontrol requeue {JOB_ID}")
     assert calls[requeue + 1:] == [f"scontrol update JobId={JOB_ID} ExcNodeList=n1"], calls
     assert "suspect node(s) n1: the requeued job excludes n1" in result.stderr
+
+
+def test_a_stop_during_the_health_check_requeues_without_training(tmp_path):
+    result, calls = _run_script(tmp_path, 0, FAKE_CHECK_SIGNAL="USR1")
+    assert result.returncode == 85, result.stderr[-3000:]
+    assert not any("launch local" in call for call in calls) and f"scontrol requeue {JOB_ID}" in calls, calls
+    assert "USR1 before training started" in result.stderr
 
 
 @pytest.mark.parametrize("partition", ["n1 allocated", "n1 allocated;n2 down*"])
