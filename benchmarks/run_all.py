@@ -17,7 +17,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_RESULTS = RESULTS / "quick"
-BENCHMARKS = ("trainer_overhead", "data_pipeline", "checkpoint", "planner_accuracy", "startup", "precision")
+BENCHMARKS = ("trainer_overhead", "data_pipeline", "checkpoint", "planner_accuracy", "startup", "precision",
+              "resilience")
 QUICK_ARGS = {
     "startup": ["--repeats", "1", "--no-cold"],
     "precision": ["--steps", "2", "--rounds", "1"],
@@ -25,6 +26,7 @@ QUICK_ARGS = {
     "data_pipeline": ["--mbytes", "1", "--vocab", "1024", "--seq-len", "128", "--repeats", "1"],
     "checkpoint": ["--preset", "gpt2-tiny", "--repeats", "1"],
     "planner_accuracy": ["--quick"],
+    "resilience": ["--blocks", "2", "--block-steps", "3", "--hang-timeout", "5", "--health-repeats", "1"],
 }
 
 

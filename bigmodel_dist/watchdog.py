@@ -31,6 +31,7 @@ STACK_DUMP_WAIT_S = 5.0  # a rank's stack dump is a few KB written from a signal
 class Hang:
     silent_s: float  # seconds since the last progress of any rank
     limit_s: float
+    declared_at: float  # time.monotonic() of the declaration
     ranks: list[Progress]
     suspects: list[int]  # ranks behind the others: where to look first
 
@@ -63,7 +64,7 @@ class HangWatchdog:
         limit = self.limit_for(ranks)
         if now - last < limit:
             return None
-        return Hang(now - last, limit, ranks, suspects_of(ranks))
+        return Hang(now - last, limit, now, ranks, suspects_of(ranks))
 
 
 def suspects_of(ranks: list[Progress]) -> list[int]:
@@ -89,7 +90,8 @@ def write_diagnosis(hang: Hang, progress_dir: Path, run_dir: Path) -> Path:
         stacks = progress_dir / f"rank-{p.rank}.stacks"
         if stacks.exists():
             (folder / f"rank-{p.rank}.stacks.txt").write_text(stacks.read_text(errors="replace"))
-    report = {"host": host, "silent_s": hang.silent_s, "limit_s": hang.limit_s, "suspects": hang.suspects,
+    report = {"host": host, "silent_s": hang.silent_s, "limit_s": hang.limit_s, "declared_at": hang.declared_at,
+              "suspects": hang.suspects,
               "ranks": [asdict(p) for p in hang.ranks]}
     (folder / "ranks.json").write_text(json.dumps(report, indent=1) + "\n")
     return folder
