@@ -49,11 +49,15 @@ class MetricsLogger:
         self._wandb_starter: threading.Thread | None = None
         self._progress = None
         self._wandb_skip_through = 0
+        self._pending_wandb: dict[str, int] = {}
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
-        self._logged_before = read_metrics(path).last_step()  # steps already in W&B from earlier processes
+        history = read_metrics(path)
+        self._logged_before = history.last_step()  # steps already in W&B from earlier processes
+        # Incidents a launcher recorded after the last trainer died (a hang) reach W&B with the next step.
+        self._pending_wandb = {f"incident/{i['event']}": 1 for i in history.launcher_incidents_since_trainer()}
         self._file = open(path, "a", buffering=1)
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -90,7 +94,9 @@ class MetricsLogger:
         self._wait_for_wandb()
         if self._wandb_run is not None and step > self._wandb_skip_through:
             try:
-                self._wandb_run.log({k: v for k, v in plain.items() if isinstance(v, (int, float))}, step=step)
+                numbers = {k: v for k, v in plain.items() if isinstance(v, (int, float))}
+                self._wandb_run.log({**self._pending_wandb, **numbers}, step=step)
+                self._pending_wandb = {}
             except Exception as exc:  # a broken W&B must never stop training
                 log.warning("W&B logging failed (%s: %s); continuing without W&B", type(exc).__name__, exc)
                 self._wandb_run = None

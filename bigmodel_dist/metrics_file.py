@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 INCIDENTS = ("hang", "bad_node", "straggler", "skip", "rollback")
+LAUNCHER = "launcher"  # the `source` of incidents a launcher or health check wrote, not a trainer
 
 
 @dataclass
@@ -32,6 +33,13 @@ class MetricsHistory:
 
     def last_step(self) -> int:
         return max((r["step"] for r in self.records), default=0)
+
+    def launcher_incidents_since_trainer(self) -> list[dict]:
+        """Incidents a launcher wrote (`source: launcher`) after the last line a trainer wrote."""
+        trainer_times = [r["time"] for r in [*self.records, *self.restarts, *self.incidents]
+                         if r.get("source") != LAUNCHER and "time" in r]
+        last = max(trainer_times, default=0.0)
+        return [i for i in self.incidents if i.get("source") == LAUNCHER and i.get("time", 0) > last]
 
 
 def read_metrics(path: Path) -> MetricsHistory:
@@ -58,7 +66,7 @@ def read_metrics(path: Path) -> MetricsHistory:
 def append_incident(path: Path, kind: str, step: int, **details) -> dict:
     """One incident line, from a process that holds no `MetricsLogger` (a node's supervisor after its
     ranks were ended). Appends of one short line do not interleave with another writer's."""
-    record = {"event": kind, "step": step, "time": time.time(), **details}
+    record = {"event": kind, "step": step, "time": time.time(), "source": LAUNCHER, **details}
     with open(path, "a") as out:
         out.write(json.dumps(record) + "\n")
     return record

@@ -54,10 +54,13 @@ def test_a_hung_rank_is_diagnosed_ended_and_the_restart_finishes(tmp_path, data_
     (incident,) = read_metrics(run_dir / "metrics.jsonl").incidents
     assert incident["event"] == "hang" and incident["suspects"] == [1] and incident["diagnosis"] == str(folder)
 
-    restarted = _launch(tmp_path, data_cache, cli_env, "--train.max_steps=8", "--checkpoint.every=4")
+    restarted = _launch(tmp_path, data_cache, cli_env, "--train.max_steps=8", "--checkpoint.every=4",
+                        "--logging.wandb_mode=offline")
     assert restarted.returncode == 0, (restarted.stdout + restarted.stderr)[-4000:]
     assert "resumed from" in restarted.stderr and "at step 4" in restarted.stderr
     assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 8
+    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")  # the launcher's record reached W&B
+    assert b"incident/hang" in wandb_file.read_bytes()
 
 
 def _current_thread(stacks) -> str:
