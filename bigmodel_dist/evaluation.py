@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -21,11 +23,12 @@ class Evaluator:
         return bool(self.every) and (step % self.every == 0 or last_step)
 
     @torch.no_grad()
-    def mean_loss(self, engine, accelerator, device: torch.device) -> float:
-        """Collective: the mean loss over every rank's batches."""
+    def mean_loss(self, engine, accelerator, device: torch.device, on_batch: Callable[[], None] = lambda: None) -> float:
+        """Collective: the mean loss over every rank's batches. `on_batch`: called before each (progress)."""
         engine.eval()
         total = torch.zeros((), device=device)
         for batch_index in range(self.batches):
+            on_batch()
             indices = eval_batch_indices(self._layout, batch_index, self._rank, len(self._rows))
             batch = torch.from_numpy(np.stack([self._rows[i] for i in indices]).astype(np.int64)).to(device)
             total += engine(input_ids=batch, labels=batch).loss.float()

@@ -25,7 +25,7 @@ from typing import IO
 PROGRESS_DIR_ENV = "BIGMODEL_PROGRESS_DIR"
 DUMP_SIGNAL = signal.SIGUSR2
 # In loop order: a rank at an earlier (step, phase) than another is behind it.
-PHASES = ("startup", "data", "forward", "backward", "optimizer", "collective", "eval", "save", "done")
+PHASES = ("startup", "data", "forward", "backward", "optimizer", "collective", "eval", "save", "shutdown", "done")
 _RECORD = struct.Struct("<qqdqq")  # sequence, step, monotonic time, phase index, pid
 
 

@@ -207,7 +207,8 @@ class Trainer:
             if logged:
                 self._log_window(window, lr)
             if self.evaluator.due(state.step, last_step=self._budget_spent()):  # not when stopped early
-                loss = self.evaluator.mean_loss(self.runtime.engine, self.runtime.accelerator, self.runtime.device)
+                loss = self.evaluator.mean_loss(self.runtime.engine, self.runtime.accelerator, self.runtime.device,
+                                                on_batch=lambda: self.progress.mark("eval", state.step))
                 self._log({"eval/loss": loss, "eval/ppl": math.exp(loss)})
             # Never an interval save inside a streak of bad steps: a rollback must land before its start.
             due = self.checkpoints.due(state.step) and not state.bad_streak
@@ -481,6 +482,7 @@ class Trainer:
 
     # ---- the end ------------------------------------------------------------------------------------
     def _finish(self) -> None:
+        self.progress.mark("shutdown", self.state.step)  # settling writes, W&B: the save limit applies
         self.clock.done()  # also when stopped before a first step
         self.checkpoints.settle()  # the last checkpoint is committed before anyone calls the run done
         self.runtime.accelerator.wait_for_everyone()
@@ -498,6 +500,7 @@ class Trainer:
 
     def close(self) -> None:
         """Stop the loader, background writes, W&B and the process group; safe to call on any exit path."""
+        self.progress.mark("shutdown", self.state.step)
         self._resources.close()
 
 

@@ -1,8 +1,8 @@
 """The node's hang watchdog: reads its ranks' progress records, declares a hang, and leaves a diagnosis.
 
 A node is hung when none of its ranks changed step or phase for the phase's limit
-(`resilience.startup_timeout_s` before the first step, `save_timeout_s` while a checkpoint is saved,
-`hang_timeout_s` otherwise). The diagnosis, in `RUN_DIR/logs/hang-<time>-<host>/`: every rank's Python
+(`resilience.startup_timeout_s` before the first step, `save_timeout_s` while a checkpoint is saved or
+loaded and while the run shuts down, `hang_timeout_s` otherwise). The diagnosis, in `RUN_DIR/logs/hang-<time>-<host>/`: every rank's Python
 stacks (all threads, dumped by the rank itself on SIGUSR2, see `progress.py`), each rank's last step
 and phase (`ranks.json`), and the suspects: the ranks behind the node's most advanced one (a rank
 stuck in its forward pass while the others wait in the gradient all-reduce). On NCCL, PyTorch's
@@ -12,10 +12,12 @@ collective flight recorder is dumped by each rank's NCCL watchdog into the same 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from bigmodel_dist.config.schema import ResilienceConfig
 from bigmodel_dist.progress import DUMP_SIGNAL, Progress, read_progress
 
 log = logging.getLogger(__name__)
+SELF_WATCH_INTERVAL_S = 0.5  # how often a self-watching rank reads its record
+SELF_HANG_GRACE_S = 10.0  # a self-watching rank that declared a hang waits this long for its peers' dumps
 STACK_DUMP_WAIT_S = 5.0  # a rank's stack dump is a few KB written from a signal handler: quick
 
 
@@ -49,7 +53,7 @@ class HangWatchdog:
         self._started = time.monotonic() if started is None else started
 
     def limit_for(self, ranks: list[Progress]) -> float:
-        if any(p.phase == "save" for p in ranks):
+        if any(p.phase in ("save", "shutdown") for p in ranks):
             return self.cfg.save_timeout_s
         if not ranks or any(p.phase == "startup" for p in ranks):
             return self.cfg.startup_timeout_s
@@ -124,3 +128,54 @@ def flight_recorder_env(run_dir: Path) -> dict[str, str]:
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
         "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(run_dir / "logs" / "nccl-flight-recorder-rank-"),
     }
+
+
+class SelfWatchdog:
+    """A rank that is its own supervisor (a Ray Train worker: Ray, not a launcher of ours, owns the
+    processes). A daemon thread reads this rank's progress record; on a hang it writes this process's
+    stacks (all threads) and position into `RUN_DIR/logs/hang-<time>-<host>-rank<R>/`, records the
+    incident (rank 0), and ends the process with the hang exit code: Ray then restarts the worker group,
+    which resumes from the last checkpoint. Every rank of a hung group declares its own hang."""
+
+    def __init__(self, progress_dir: Path, cfg: ResilienceConfig, rank: int, run_dir: Path, is_main: bool):
+        self._watchdog = HangWatchdog(progress_dir, cfg)
+        self._rank, self._run_dir, self._is_main, self._cfg = rank, run_dir, is_main, cfg
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
+
+    def start(self) -> SelfWatchdog:
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(SELF_WATCH_INTERVAL_S):
+            hang = self._watchdog.check()
+            if hang is not None:
+                self._end(hang)
+
+    def _end(self, hang: Hang) -> None:
+        host = socket.gethostname()
+        folder = self._run_dir / "logs" / f"hang-{time.strftime('%Y%m%d-%H%M%S')}-{host}-rank{self._rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"rank-{self._rank}.stacks.txt", "w") as out:
+            faulthandler.dump_traceback(out, all_threads=True)
+        report = {"host": host, "silent_s": hang.silent_s, "limit_s": hang.limit_s, "declared_at": hang.declared_at,
+                  "suspects": [], "ranks": [asdict(p) for p in hang.ranks]}
+        (folder / "ranks.json").write_text(json.dumps(report, indent=1) + "\n")
+        if self._is_main:
+            from bigmodel_dist.metrics_file import append_incident
+
+            step = max((p.step for p in hang.ranks), default=0)
+            append_incident(self._run_dir / "metrics.jsonl", "hang", step, host=host, silent_s=hang.silent_s,
+                            suspects=[], diagnosis=str(folder))
+        log.error("hang: rank %d: %s; stacks in %s; ending this worker (exit %d) for a restart", self._rank,
+                  hang.summary(), folder, self._cfg.hang_exit_code)
+        # The other ranks of the group are silent too and declare within moments; leaving at once would
+        # break their collective first, and they would end with a connection error instead of a dump.
+        time.sleep(min(SELF_HANG_GRACE_S, self._cfg.hang_timeout_s))
+        logging.shutdown()
+        os._exit(self._cfg.hang_exit_code)  # a rank stuck in a collective cannot unwind: end the process
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -92,6 +92,20 @@ def run_until_a_rank_dies(fn: Callable, world_size: int = 2, *args: Any, timeout
         return codes
 
 
+def exit_codes(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = HANG_GUARD_S) -> list[int | None]:
+    """Run `fn` on every rank and wait for each to exit by itself (guarded); their exit codes."""
+    with tempfile.TemporaryDirectory(prefix="spawn-") as out_dir:
+        procs = _start_ranks(fn, world_size, args, out_dir, fresh_interpreters=False)
+        for proc in procs:
+            proc.join(timeout=timeout_s)
+        codes = [proc.exitcode for proc in procs]
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        return codes
+
+
 def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = HANG_GUARD_S,
                     fresh_interpreters: bool = False) -> list[Any]:
     with tempfile.TemporaryDirectory(prefix="spawn-") as out_dir:

@@ -19,6 +19,8 @@ from bigmodel_dist.metrics_file import read_metrics
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 from .conftest import TINY
 from .launching import launch_local_command, losses
+from .spawn import exit_codes
+from .workers import train_watching_self
 
 GLOBAL_BATCH = 8  # TINY's: step s reads samples [8 (s - 1), 8 s)
 HANG_TIMEOUT_S = 5
@@ -61,6 +63,23 @@ def test_a_hung_rank_is_diagnosed_ended_and_the_restart_finishes(tmp_path, data_
     assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 8
     (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")  # the launcher's record reached W&B
     assert b"incident/hang" in wandb_file.read_bytes()
+
+
+def test_a_rank_watching_itself_ends_with_the_hang_code_and_its_stacks(tmp_path, data_cache, monkeypatch):
+    """The Ray worker's watchdog (no launcher of ours above it): every rank of the hung group dumps its
+    own stacks and exits 86, which Ray answers by restarting the group from the last checkpoint."""
+    monkeypatch.setenv(FAULTS_ENV, "hang:rank=1,step=3")
+    monkeypatch.setenv(ALLOW_ENV, "1")
+    codes = exit_codes(train_watching_self, 2, [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+                                                "--train.max_steps=6", "--train.eval_every=0", "--name=run",
+                                                f"--resilience.hang_timeout_s={HANG_TIMEOUT_S}"])
+    assert codes == [ResilienceConfig().hang_exit_code] * 2
+    # Dumped by the watchdog thread itself: the loop's frames are in another thread of the dump.
+    stacks = {p.name: p.read_text() for p in (tmp_path / "run" / "logs").glob("hang-*-rank*/rank-*.stacks.txt")}
+    assert "_sleep_for_ever" in stacks["rank-1.stacks.txt"]
+    assert re.search(r"all_reduce|reduce_scatter|all_gather|broadcast", stacks["rank-0.stacks.txt"])
+    (incident,) = read_metrics(tmp_path / "run" / "metrics.jsonl").incidents
+    assert incident["event"] == "hang" and incident["step"] == 3
 
 
 def _current_thread(stacks) -> str:

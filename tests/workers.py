@@ -24,6 +24,15 @@ def train_and_collect(overrides: list[str]) -> dict:
     return {"losses": [loss for step, loss in zip(steps, losses) if step > first_step], "params": params}
 
 
+def train_watching_self(overrides: list[str]) -> None:
+    """Train as a Ray worker does: each rank its own hang watchdog (no launcher of ours above it)."""
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.session import run_training
+
+    run_training(load_config(None, overrides), facts_from_env(), watch_self=True)
+
+
 def train_and_crash(overrides: list[str], crash_point: str, crash_rank: int, crash_step: int) -> None:
     """Train, and SIGKILL rank `crash_rank` at `crash_point` of the save of step `crash_step`.
 

@@ -262,10 +262,13 @@ class RayConfig:
     """Ray cluster to join; None means RAY_ADDRESS (set by `ray job submit`) or a running local cluster."""
     connect_timeout_s: float = 60.0
     """Seconds to wait for the cluster before giving up with an error."""
+    stop_wait_s: int = 300
+    """Seconds Ray waits after `ray job stop`'s SIGTERM before it SIGKILLs the job (RAY_JOB_STOP_WAIT_TIME_S,
+    Ray's default 3; `bigmodel launch ray` sets it for the job): must cover one step and one checkpoint save."""
 
     def check(self) -> None:
         _require_positive("ray", num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,
-                          connect_timeout_s=self.connect_timeout_s)
+                          connect_timeout_s=self.connect_timeout_s, stop_wait_s=self.stop_wait_s)
         if self.use_gpu:
             _require_positive("ray", gpus_per_worker=self.gpus_per_worker)
         if self.max_failures < -1:
