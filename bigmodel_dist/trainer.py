@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
-import socket
-import statistics
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -32,12 +29,11 @@ from bigmodel_dist.errors import RunFailedError
 from bigmodel_dist.evaluation import Evaluator
 from bigmodel_dist.faults import Faults
 from bigmodel_dist.fileio import write_json_atomically, write_text_atomically
-from bigmodel_dist.metrics import MetricsLogger, device_peak_tflops
-from bigmodel_dist.model_presets import flops_per_token
+from bigmodel_dist.metrics import MetricsLogger
 from bigmodel_dist.models import build_model, weight_decay_groups
 from bigmodel_dist.preemption import FAILED_WRITE, StopController, StopSignals
 from bigmodel_dist.progress import ProgressRecorder
-from bigmodel_dist.resilience import GOOD_STEP, ComputeTimer, LossGuard, StragglerTracker, Verdict
+from bigmodel_dist.resilience import GOOD_STEP, LossGuard, Verdict
 from bigmodel_dist.runtime import (
     Runtime,
     create_accelerator,
@@ -51,6 +47,7 @@ from bigmodel_dist.runtime import (
 )
 from bigmodel_dist.startup import StartupClock, slowest_rank_note
 from bigmodel_dist.train_state import TrainState
+from bigmodel_dist.window_metrics import LogWindow, WindowMetrics
 
 log = logging.getLogger(__name__)
 
@@ -67,24 +64,6 @@ class StepReporter(Protocol):
     """Hears of every logged step and checkpoint (e.g. Ray Train's `report`). Called on all ranks alike."""
 
     def report(self, step: int, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
-
-
-class _LogWindow:
-    """The steps since the last log line: their (all-rank mean) losses, the training time they took, and
-    this rank's compute time in them."""
-
-    def __init__(self, step: int, device):
-        self.losses: list[float] = []
-        self.skipped = 0
-        self.compute = ComputeTimer(device)
-        self.restart(step)
-
-    def restart(self, step: int) -> None:
-        """Start timing here: eval and checkpoint stalls between windows do not count as step time."""
-        self.losses.clear()
-        self.skipped = 0
-        self.compute.reset()
-        self.first_step, self.started = step, time.perf_counter()
 
 
 class Trainer:
@@ -125,8 +104,6 @@ class Trainer:
         self._unreported: dict[str, Any] = {}  # this step's metrics, for the reporter
         self.state = TrainState()
         self.guard = LossGuard(resolved.config.resilience, self.state)
-        self.stragglers = StragglerTracker(resolved.config.resilience)
-        self._hosts: list[str] = []  # every rank's host, gathered at the first log
         # Before the first collective: W&B may take seconds to start and no rank may wait on it.
         self.metrics = MetricsLogger(self.run_dir, self.cfg.logging, to_dict(self.cfg), facts.is_main,
                                      self.cfg.train.max_steps)
@@ -172,9 +149,7 @@ class Trainer:
         self.evaluator = Evaluator(self.dataset.val, resolved.layout, facts.rank, self.cfg.train.eval_every,
                                    self.cfg.train.eval_batches)
         self.metrics.mark_restart(self.state.step)
-        self._flops_per_step = flops_per_token(resolved.shape, self.cfg.data.seq_len) * resolved.tokens_per_step
-        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        self._peak_flops = (device_peak_tflops(self.cfg.logging, device_name) or 0.0) * 1e12
+        self.window_metrics = WindowMetrics(resolved, facts, self.runtime, self.metrics)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -182,7 +157,7 @@ class Trainer:
         and saved, so an early stop loses no step's loss, time or state."""
         state, every_log = self.state, self.cfg.train.log_every
         self._announce()
-        window = _LogWindow(state.step, self.runtime.device)
+        window = LogWindow(state.step, self.runtime.device)
         # A stop asked for during start-up ends the run before its first step: nothing new to save.
         state.stop_reason = self._agreed_stop()
         while not state.stop_reason and not self._budget_spent():
@@ -247,7 +222,7 @@ class Trainer:
                 log.info(note)
         self._log(self.clock.as_metrics())
 
-    def _train_step(self, window: _LogWindow) -> tuple[float, Verdict]:
+    def _train_step(self, window: LogWindow) -> tuple[float, Verdict]:
         """One optimizer step: grad_accum micro-steps; DeepSpeed clips and steps at the boundary.
 
         Returns the step's loss (mean over micro-steps and ranks) and the loss guard's verdict, given
@@ -413,60 +388,10 @@ class Trainer:
             self.reporter.report(self.state.step, self._unreported, saved)
         self._unreported = {}
 
-    def _log_window(self, window: _LogWindow, lr: float) -> None:
-        """Collective: the mean loss (of the steps not skipped) and speed of the steps since the last log;
-        their time counts as productive (goodput)."""
+    def _log_window(self, window: LogWindow, lr: float) -> None:
+        """Collective: the window's loss, speed and per-rank figures; its time counts as productive."""
         self.progress.mark("collective", self.state.step)
-        elapsed = time.perf_counter() - window.started
-        self.state.productive_s += elapsed
-        steps = max(1, self.state.step - window.first_step)
-        step_time = elapsed / steps
-        tokens_per_s = self.resolved.tokens_per_step / step_time
-        metrics: dict[str, Any] = {}
-        if window.losses:  # the same count on every rank: verdicts are agreed
-            losses = torch.tensor(window.losses, device=self.runtime.device)
-            metrics["loss"] = float(self.runtime.accelerator.reduce(losses, reduction="mean").mean())
-        if window.skipped:
-            metrics["skipped_steps"] = window.skipped
-        metrics.update({
-            "lr": lr,
-            "grad_norm": _grad_norm(self.runtime.engine),
-            "step_time_s": step_time,
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": tokens_per_s / self.facts.world_size,
-            "tokens_seen": self.state.tokens_seen,
-            "goodput": self.state.goodput(),
-            **self._per_rank_figures(window.compute.seconds() / steps),
-        })
-        if self._peak_flops:
-            metrics["mfu"] = self._flops_per_step / step_time / (self._peak_flops * self.facts.world_size)
-        self._log(metrics)
-
-    def _per_rank_figures(self, compute_s: float) -> dict[str, object]:
-        """Collective: every rank's peak memory (GPU allocator, or the process's peak RSS on CPU) and
-        compute time per step; a rank that computes slower than the others for several log intervals in
-        a row is reported as a straggler, by rank and host."""
-        if torch.cuda.is_available():
-            memory = torch.cuda.max_memory_allocated() / 1e9
-        else:
-            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-        local = torch.tensor([[memory, compute_s]], device=self.runtime.device, dtype=torch.float64)
-        gathered = self.runtime.accelerator.gather(local).tolist()
-        memories, computes = [row[0] for row in gathered], [row[1] for row in gathered]
-        figures: dict[str, object] = {"memory/peak_gb_max": max(memories), "memory/peak_gb_min": min(memories),
-                                      "memory/peak_gb_per_rank": memories}
-        if not self.cfg.resilience.enabled:
-            return figures
-        if not self._hosts:
-            self._hosts = [""] * self.facts.world_size
-            torch.distributed.all_gather_object(self._hosts, socket.gethostname())
-        ratio, stragglers = self.stragglers.update(computes)
-        figures.update({"compute_s_per_rank": computes, "straggler/slowest_to_median": ratio})
-        for rank in stragglers:
-            self.metrics.incident(self.state.step, "straggler", rank=rank, host=self._hosts[rank],
-                                  compute_s=computes[rank], median_s=statistics.median(computes),
-                                  intervals=self.cfg.resilience.straggler_intervals)
-        return figures
+        self._log(self.window_metrics.figures(window, self.state, lr, _grad_norm(self.runtime.engine)))
 
     def _announce(self) -> None:
         r, layout = self.resolved, self.resolved.layout
