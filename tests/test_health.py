@@ -10,6 +10,7 @@ import pytest
 
 from bigmodel_dist.faults import ALLOW_ENV, FAULTS_ENV
 from bigmodel_dist.health import RankHealth, allreduce_bandwidth, host_memory, judge
+from bigmodel_dist.metrics_file import read_metrics
 from bigmodel_dist.suspects import SUSPECT_NODES_ENV
 
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli
@@ -108,6 +109,9 @@ def test_a_slow_rank_is_named_and_its_host_recorded(tmp_path, check_env):
     assert f"health check: BAD rank 1 on host {host}" in result.stdout
     assert (tmp_path / "suspects.txt").read_text() == f"{host}\n"
     assert _report(tmp_path)["bad_hosts"] == [host]
+    (incident,) = read_metrics(tmp_path / "hc" / "metrics.jsonl").incidents  # one line for the run's history
+    assert incident["event"] == "bad_node" and incident["unit"] == f"rank 1 on host {host}"
+    assert incident["host"] == host and "matmul" in incident["problem"]
 
 
 @pytest.mark.parametrize(("faults", "allow", "needle"), [

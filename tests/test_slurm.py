@@ -115,6 +115,29 @@ def test_a_bad_node_is_requeued_elsewhere_and_the_run_finishes(slurm_cluster, tm
     assert len(list((run_dir / "logs").glob("health-*.json"))) == 2
 
 
+def test_a_hang_is_diagnosed_requeued_elsewhere_and_resumed(slurm_cluster, tmp_path, data_cache, cli_env):
+    """The first attempt's rank 1 hangs inside step 3 (injected, first attempt only): the node's watchdog
+    dumps the stacks and exits 86, the job is requeued excluding that node, and the second attempt
+    resumes from the step-2 checkpoint and finishes."""
+    hook = tmp_path / "hook.sh"
+    hook.write_text('if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then\n'
+                    '  export BIGMODEL_FAULTS="hang:rank=1,step=3" BIGMODEL_ALLOW_FAULTS=1\nfi\n')
+    env = {**cli_env, "BIGMODEL_ENV_HOOK": str(hook)}
+    job = _job_id(_submit(tmp_path, data_cache, env, "--nodes=1", "--nproc-per-node=2", "--name=hang",
+                          "--train.max_steps=4", "--checkpoint.every=2", "--resilience.hang_timeout_s=5"))
+    run_dir = tmp_path / "hang"
+    assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
+    log = _log(run_dir, job)
+    first = re.search(rf"job {job} \(restart 0\) on (n\d)", log).group(1)
+    other = {"n1": "n2", "n2": "n1"}[first]
+    assert "hang: no progress on this node" in log and "behind the others: rank(s) 1" in log, log[-3000:]
+    assert _job_field(job, "Restarts") == "1" and _job_field(job, "ExcNodeList") == first
+    assert f"job {job} (restart 1) on {other}" in log and "at step 2" in log
+    (folder,) = (run_dir / "logs").glob(f"hang-*-{first}")
+    assert "_sleep_for_ever" in (folder / "rank-1.stacks.txt").read_text()
+    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 4
+
+
 PREEMPT_RUN = ["--train.max_steps=30", "--checkpoint.every=0"]  # with _submit's overrides: conftest.RESUME_RUN
 
 

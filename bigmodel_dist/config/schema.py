@@ -295,7 +295,8 @@ class ResilienceConfig:
     health_check: bool = True
     """Check every node (matmul, memory, all-reduce bus bandwidth) before training on Slurm and Ray."""
     health_slow_factor: float = 2.0
-    """A node this many times slower than the median node (matmul or all-reduce) is a bad node."""
+    """A node whose matmul throughput (or, on GPU, free memory) is this many times below the other nodes'
+    median is bad; on one node, ranks are compared."""
     bad_node_exit_code: int = 87
     """Exit code of a failed health check: the Slurm script requeues it avoiding the named node."""
     straggler_factor: float = 1.5
