@@ -131,3 +131,17 @@ def unshare_optimizer_steps(engine) -> None:
             if id(step) in seen:
                 state["step"] = step.clone()
             seen.add(id(state["step"]))
+
+
+def skips_non_finite_steps(engine) -> bool:
+    """DeepSpeed's ZeRO and mixed-precision optimizers skip a step whose gradients are not finite (their
+    `overflow` path clears the gradients too); a plain optimizer (ZeRO-0 in fp32) would apply it."""
+    return hasattr(engine.optimizer, "overflow")
+
+
+def backward_without_step(engine, loss) -> None:
+    """The last micro-step of a step that must not be applied, for an optimizer without an overflow path:
+    the backward runs (its collectives are every rank's), the gradients are dropped, no optimizer step."""
+    engine.set_gradient_accumulation_boundary(is_boundary=True)
+    engine.backward(loss)
+    engine.zero_grad()

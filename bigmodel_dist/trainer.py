@@ -36,6 +36,7 @@ from bigmodel_dist.progress import ProgressRecorder
 from bigmodel_dist.resilience import GOOD_STEP, LossGuard, Verdict
 from bigmodel_dist.runtime import (
     Runtime,
+    backward_without_step,
     create_accelerator,
     deepspeed_config_as_run,
     load_universal_checkpoints,
@@ -43,6 +44,7 @@ from bigmodel_dist.runtime import (
     replace_checkpoint_engine,
     restart_accumulation_count,
     set_learning_rate,
+    skips_non_finite_steps,
     unshare_optimizer_steps,
 )
 from bigmodel_dist.startup import StartupClock, slowest_rank_note
@@ -227,7 +229,8 @@ class Trainer:
 
         Returns the step's loss (mean over micro-steps and ranks) and the loss guard's verdict, given
         before the step is applied: a bad step's last backward is made non-finite, which DeepSpeed
-        answers by skipping the step and clearing the gradients (its overflow path)."""
+        answers by skipping the step and clearing the gradients (its overflow path); where the optimizer
+        has no such path (ZeRO-0 in fp32) the step is left out and the gradients dropped here."""
         engine, accelerator = self.runtime.engine, self.runtime.accelerator
         engine.train()
         step, accum = self.state.step, self.resolved.layout.grad_accum_steps
@@ -251,7 +254,10 @@ class Trainer:
                     if verdict.bad:
                         loss = loss * float("nan")
                 self.progress.mark("backward", step + 1)
-                accelerator.backward(loss)
+                if verdict.bad and not skips_non_finite_steps(engine):
+                    backward_without_step(engine, loss)
+                else:
+                    accelerator.backward(loss)
         if not self.cfg.resilience.enabled:  # this rank's mean; the log window averages over ranks
             return float(total / accum), verdict
         return mean, verdict
@@ -269,7 +275,8 @@ class Trainer:
         if not self.cfg.resilience.enabled:
             return verdict
         step = self.state.step
-        if not verdict.bad and not math.isfinite(_grad_norm(self.runtime.engine)):
+        norm = self.runtime.engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (ZeRO-0)
+        if not verdict.bad and norm is not None and not math.isfinite(float(norm)):
             verdict = self.guard.verdict_for("non-finite gradient norm")
         self.guard.record(step, loss, verdict.bad)
         if verdict.bad:

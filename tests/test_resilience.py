@@ -19,8 +19,8 @@ from bigmodel_dist.metrics_file import read_metrics
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 from .conftest import TINY
 from .launching import launch_local_command, losses
-from .spawn import exit_codes
-from .workers import train_watching_self
+from .spawn import exit_codes, run_distributed
+from .workers import skip_one_step, train_watching_self
 
 GLOBAL_BATCH = 8  # TINY's: step s reads samples [8 (s - 1), 8 s)
 HANG_TIMEOUT_S = 5
@@ -183,3 +183,18 @@ def _comparable(state: dict) -> dict:
     """A train state without its clocks (wall times differ between runs)."""
     return {k: v for k, v in state.items() if k not in ("run_started_at", "productive_s", "wandb_run_id")}
 
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"),
+                                              (2, "bf16")])
+def test_a_skipped_step_changes_no_parameter_at_any_zero_stage(tmp_path, data_cache, monkeypatch, stage, precision):
+    monkeypatch.setenv(FAULTS_ENV, f"nan:samples={GLOBAL_BATCH}-{2 * GLOBAL_BATCH}")  # step 2's samples
+    monkeypatch.setenv(ALLOW_ENV, "1")
+    rank0, _ = run_distributed(skip_one_step, 2, [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+                                                  "--train.eval_every=0", "--checkpoint.every=0", "--name=skip",
+                                                  f"--deepspeed.zero_stage={stage}", f"--train.precision={precision}"])
+    assert rank0["skipped"] == 1
+    before, after = rank0["before"], rank0["after"]
+    assert before["params"].keys() == after["params"].keys()
+    assert all((before["params"][k] == after["params"][k]).all() for k in before["params"])
+    assert before["optimizer_steps"] == after["optimizer_steps"]

@@ -33,6 +33,31 @@ def train_watching_self(overrides: list[str]) -> None:
     run_training(load_config(None, overrides), facts_from_env(), watch_self=True)
 
 
+def skip_one_step(overrides: list[str]) -> dict:
+    """Train one step, then a second step whose loss is non-finite (BIGMODEL_FAULTS poisons its samples):
+    the parameters and optimizer state after it, and after the first, on rank 0."""
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.runtime import full_parameters
+    from bigmodel_dist.session import open_trainer
+
+    def snapshot(trainer) -> dict:
+        params = {name: t.numpy().copy() for name, t in full_parameters(trainer.runtime.engine).items()}
+        optimizer_steps = [state.get("step") for state in trainer.runtime.engine.optimizer.state_dict().get(
+            "state", {}).values() if isinstance(state, dict)]
+        return {"params": params, "optimizer_steps": [float(s) for s in optimizer_steps if s is not None]}
+
+    with open_trainer(load_config(None, overrides), facts_from_env()) as trainer:
+        trainer.cfg.train.max_steps = 1
+        trainer.train()
+        before = snapshot(trainer)
+        trainer.cfg.train.max_steps = 2
+        trainer.train()
+        after = snapshot(trainer)
+        skipped = trainer.state.skipped_steps
+    return {"before": before, "after": after, "skipped": skipped}
+
+
 def train_and_crash(overrides: list[str], crash_point: str, crash_rank: int, crash_step: int) -> None:
     """Train, and SIGKILL rank `crash_rank` at `crash_point` of the save of step `crash_step`.
 
