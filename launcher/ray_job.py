@@ -4,15 +4,20 @@ Runs on the cluster (the job's driver): checks the config and the cluster before
 prepares the data once, then runs Ray Train's TorchTrainer whose workers run the shared trainer
 (`launcher/ray_worker.py`). Restarts after worker failures come from FailureConfig; resubmitting the
 same run name resumes (Ray's run folder and our checkpoints both live in the run directory).
+
+`ray job stop` signals this driver: it asks the workers to stop through the run's stop file
+(`launcher/ray_stop.py`), waits for their one checkpoint and exits with `checkpoint.requeue_exit_code`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +28,15 @@ from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
 from bigmodel_dist.precision import DeviceInfo
 from launcher.logs import setup_logging
+from launcher.ray_stop import DriverStop, job_stop_wait_s, new_stop_file, stop_reason
 from launcher.run_inputs import prepare_for
 from launcher.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
 USAGE = "usage: python -m launcher.ray_job CONFIG [--section.field=value ...]"
 CONNECT_THREAD = "ray-connect"  # ray.init runs in it, under our own deadline
+FIT_THREAD = "ray-train-fit"  # trainer.fit() runs in it, so that the main thread takes the stop signals
+FIT_JOIN_S = 0.5  # how often the main thread looks up from waiting for fit() to log a stop it heard
 
 
 def storage_path(cfg: Config, run_dir: Path) -> str:
@@ -109,7 +117,7 @@ def connect(cfg: Config) -> None:
                              "to a running cluster or set ray.address") from None
 
 
-def build_trainer(resolved: ResolvedRun):
+def build_trainer(resolved: ResolvedRun, stop_file: Path):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -126,7 +134,7 @@ def build_trainer(resolved: ResolvedRun):
                                            read_metrics(run_dir / "metrics.jsonl").last_step()))
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg)},
+        train_loop_config={"config": to_dict(cfg), "stop_file": str(stop_file)},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -139,25 +147,97 @@ def build_trainer(resolved: ResolvedRun):
     )
 
 
-def run(config_path: str, overrides: list[str]) -> int:
+def run(config_path: str, overrides: list[str], stop: DriverStop) -> int:
     cfg = load_config(config_path, overrides)
+    stop.watch(cfg.checkpoint.stop_signals)
     check_output_dir(cfg)
     resolved = resolve_run(cfg, cfg.ray.num_workers, ray_workers_device(cfg))
     _log_working_dir()
     connect(cfg)
+    stop.reclaim()  # from Ray's SIGTERM handler, which would abort this driver mid-stop
     import ray
 
     check_cluster_fits(cfg, ray.cluster_resources())
     prepare_for(resolved)  # once, here: a progress bar in the job log and input errors before any worker
-    resolved.run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("Ray Train: %d workers (%s), max_failures=%d, run dir %s", cfg.ray.num_workers,
-             "GPU" if cfg.ray.use_gpu else "CPU", cfg.ray.max_failures, resolved.run_dir)
-    result = build_trainer(resolved).fit()
+    stop_file = new_stop_file(resolved.run_dir)
+    try:
+        return _train(resolved, stop, stop_file)
+    finally:
+        stop_file.unlink(missing_ok=True)
+
+
+def _train(resolved: ResolvedRun, stop: DriverStop, stop_file: Path) -> int:
+    cfg, run_dir = resolved.config, resolved.run_dir
+    requeue_code = cfg.checkpoint.requeue_exit_code
+    stop.attach(stop_file)
+    wait_s = job_stop_wait_s(os.environ)
+    if stop.received:
+        log.warning("%s before training started: nothing new to save; exit %d asks to requeue", stop.received,
+                    requeue_code)
+        return requeue_code
+    log.info("Ray Train: %d workers (%s), max_failures=%d, run dir %s; stop file %s", cfg.ray.num_workers,
+             "GPU" if cfg.ray.use_gpu else "CPU", cfg.ray.max_failures, run_dir, stop_file.name)
+    if wait_s is not None and wait_s < cfg.ray.stop_wait_s:
+        log.warning("Ray kills this job %d s after `ray job stop` (RAY_JOB_STOP_WAIT_TIME_S), less than "
+                    "ray.stop_wait_s=%d: its stop checkpoint may be cut short. Submit with `bigmodel launch ray`, "
+                    "or add --runtime-env-json '{\"env_vars\": {\"RAY_JOB_STOP_WAIT_TIME_S\": \"%d\"}}'", wait_s,
+                    cfg.ray.stop_wait_s, cfg.ray.stop_wait_s)
+    started = time.time()
+    result = _fit_hearing_stops(build_trainer(resolved, stop_file), stop, wait_s)
     if result.error is not None:  # fit() raises in current Ray; older versions return the error
         raise result.error
-    log.info("done: checkpoints in %s, metrics in %s", resolved.run_dir / "checkpoints",
-             resolved.run_dir / "metrics.jsonl")
+    stopped = _marker_since(run_dir / "STOPPED", started)
+    if stopped is not None or (stop.received and _marker_since(run_dir / "COMPLETED", started) is None):
+        at = _stopped_at(run_dir, stopped)
+        why = stop_reason(stop_file) or (stopped or {}).get("stop_reason")
+        took = f", {time.monotonic() - stop.received_at:.1f} s after the signal" if stop.received_at else ""
+        log.warning("stopped %s (%s)%s; exit %d asks to requeue: resubmitting run name %r resumes there", at, why,
+                    took, requeue_code, cfg.name)
+        return requeue_code
+    log.info("done: checkpoints in %s, metrics in %s", run_dir / "checkpoints", run_dir / "metrics.jsonl")
     return 0
+
+
+def _stopped_at(run_dir: Path, stopped: dict[str, Any] | None) -> str:
+    from bigmodel_dist.checkpoint.manager import newest_committed
+
+    if stopped is None:
+        return "before a first step"
+    newest = newest_committed(run_dir)
+    if newest is not None and newest.meta["step"] == stopped["step"]:
+        return f"at step {stopped['step']} with its checkpoint"
+    return f"at step {stopped['step']}, before a first step: nothing new to save"
+
+
+def _fit_hearing_stops(trainer, stop: DriverStop, wait_s: int | None):
+    """`trainer.fit()`, run in a thread. Python runs signal handlers in the main thread only, between
+    bytecodes, so the main thread waits here where it can take them; Ray Train, when fit() runs in the
+    main thread, also replaces our SIGINT handler with an abort that would lose the stop checkpoint."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name=FIT_THREAD, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(FIT_JOIN_S)
+        stop.announce_once(wait_s)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _marker_since(marker: Path, started: float) -> dict[str, Any] | None:
+    """The run's COMPLETED/STOPPED record if this driver's workers wrote it."""
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("finished_at", 0) >= started else None
 
 
 def _log_working_dir() -> None:
@@ -179,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-"):
         print(USAGE, file=sys.stderr)
         return EXIT_USAGE
+    stop = DriverStop()  # from the first line: a stop may come while the data is being prepared
     setup_logging()
-    code = report_user_errors(lambda: run(argv[0], argv[1:]))
+    try:
+        code = report_user_errors(lambda: run(argv[0], argv[1:], stop))
+    finally:
+        stop.close()
     if any(thread.name == CONNECT_THREAD and thread.is_alive() for thread in threading.enumerate()):
         sys.stdout.flush()
         os._exit(code)  # Ray's half-open connection (still retrying) would hold interpreter shutdown

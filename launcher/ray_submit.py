@@ -1,17 +1,22 @@
 """`bigmodel launch ray`: check, then `ray job submit --working-dir DIR -- python -m launcher.ray_job ...`.
 
 Everything that can be checked before Ray sees the job is checked here, each with a one-line error:
-the config, the cluster's dashboard answering, the working dir staying under Ray's upload limit.
+the config, the cluster's dashboard answering, the working dir staying under Ray's upload limit. The job
+gets `ray.stop_wait_s` as Ray's RAY_JOB_STOP_WAIT_TIME_S, so that `ray job stop` leaves its workers the
+time to save their stop checkpoint (Ray's default is 3 s). Waiting for the job, it exits with the
+driver's requeue code when the job was stopped (`ray job submit` itself says 0 or 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import logging
 import os
 import shlex
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +26,7 @@ from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.errors import UserInputError
 from launcher.logs import setup_logging
 from launcher.ray_job import ray_workers_device
+from launcher.ray_stop import STOP_WAIT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +97,32 @@ def check_dashboard(address: str, timeout_s: float = 10.0) -> None:
                              "--address / set RAY_ADDRESS to its dashboard, e.g. http://HEAD:8265") from None
 
 
-def submit_command(args: argparse.Namespace, config: str, overrides: list[str]) -> list[str]:
-    command = ["ray", "job", "submit", "--address", args.address, "--working-dir", str(args.working_dir)]
+def submit_command(args: argparse.Namespace, config: str, overrides: list[str], stop_wait_s: int) -> list[str]:
+    runtime_env = {"env_vars": {STOP_WAIT_ENV: str(stop_wait_s)}}  # read by the job's supervisor and driver
+    command = ["ray", "job", "submit", "--address", args.address, "--working-dir", str(args.working_dir),
+               "--runtime-env-json", json.dumps(runtime_env)]
     if args.no_wait:
         command.append("--no-wait")
-    if args.submission_id:
-        command += ["--submission-id", args.submission_id]
-    return [*command, "--", "python", "-m", "launcher.ray_job", config, *overrides]
+    return [*command, "--submission-id", args.submission_id, "--", "python", "-m", "launcher.ray_job", config,
+            *overrides]
+
+
+def job_info(address: str, submission_id: str, timeout_s: float = 10.0) -> dict | None:
+    """Ray's record of a job (`GET /api/jobs/ID`: status, driver_exit_code, ...), or None if unreadable."""
+    url = f"{address.rstrip('/')}/api/jobs/{submission_id}"
+    try:
+        return json.loads(urllib.request.urlopen(url, timeout=timeout_s).read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def finished_job_exit_code(submit_code: int, info: dict | None, requeue_code: int) -> int:
+    """`ray job submit` exits 0 for a stopped job and 1 for every failure. A stopped job (`ray job stop`:
+    Ray keeps no exit code for it) or a driver that exited with the requeue code (a drained node) is
+    unfinished work that a resubmission resumes: the requeue code says so."""
+    if info is not None and (info.get("status") == "STOPPED" or info.get("driver_exit_code") == requeue_code):
+        return requeue_code
+    return submit_code
 
 
 def launch_ray(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -117,9 +142,17 @@ def launch_ray(args: argparse.Namespace, overrides: list[str]) -> int:
     size = check_upload_size(working_dir)
     check_dashboard(args.address)
     args.working_dir = working_dir
-    command = submit_command(args, str(config.relative_to(working_dir)), overrides)
+    args.submission_id = args.submission_id or f"bigmodel-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = submit_command(args, str(config.relative_to(working_dir)), overrides, cfg.ray.stop_wait_s)
     log.info("uploading %.1f MiB; %s", size / 2**20, shlex.join(command))
-    return subprocess.run(command).returncode
+    code = subprocess.run(command).returncode
+    if args.no_wait:
+        return code
+    code = finished_job_exit_code(code, job_info(args.address, args.submission_id), cfg.checkpoint.requeue_exit_code)
+    if code == cfg.checkpoint.requeue_exit_code:
+        log.warning("job %s stopped before the end of the run; exit %d: `bigmodel launch ray` again resumes it",
+                    args.submission_id, code)
+    return code
 
 
 def add_parser(backends) -> None:
@@ -129,5 +162,6 @@ def add_parser(backends) -> None:
     ray.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)")
     ray.add_argument("--working-dir", default=".", help="folder sent with the job (default: here)")
     ray.add_argument("--no-wait", action="store_true", help="return after submitting")
-    ray.add_argument("--submission-id", help="job id for `ray job status/stop/logs` (must be new)")
+    ray.add_argument("--submission-id", help="job id for `ray job status/stop/logs` (must be new; default: "
+                     "bigmodel-<run name>-<time>)")
     ray.set_defaults(handler=lambda args, overrides: launch_ray(args, overrides))

@@ -1,5 +1,6 @@
 """What runs in each Ray Train worker: the shared trainer, resumed from Ray's checkpoint or the run dir,
-with every logged step and committed checkpoint reported to Ray.
+with every logged step and committed checkpoint reported to Ray, stopping when the driver's stop file
+appears (`launcher/ray_stop.py`).
 
 Ray's checkpoint records are small manifests that point at the project's own step directories in the
 run directory (`RAY_MANIFEST`): Ray never copies or deletes gigabytes, and Slurm, local and Ray runs
@@ -108,14 +109,16 @@ def train_worker(job: dict[str, Any]) -> None:
 
     from bigmodel_dist.config.loader import from_dict
     from bigmodel_dist.config.validate import run_dir_of
-    from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.distributed import STOP_FILE_ENV, facts_from_env
     from bigmodel_dist.session import run_training
     from launcher.logs import setup_logging
+    from launcher.ray_stop import DrainWatcher
 
     context = ray.train.get_context()
     # Ray exports RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; the node layout comes from its context.
+    # The stop file is the driver's channel to the loop (launcher/ray_stop.py): it takes no signals here.
     env = {**os.environ, "LOCAL_WORLD_SIZE": str(context.get_local_world_size()),
-           "GROUP_RANK": str(context.get_node_rank())}
+           "GROUP_RANK": str(context.get_node_rank()), STOP_FILE_ENV: job["stop_file"]}
     facts = facts_from_env(env)
     setup_logging(facts.rank, facts.world_size)
     for name in list(logging.root.manager.loggerDict):  # Ray Train logs every report at INFO
@@ -136,4 +139,9 @@ def train_worker(job: dict[str, Any]) -> None:
         log.info("Ray worker group of %d: Ray checkpoint %s; resume=%s", facts.world_size,
                  f"step {manifest['step']}" if manifest else "none", resume)
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=resume))
-    run_training(cfg, facts, reporter=RayReporter(run_dir, facts.is_main, manifest["step"] if manifest else -1))
+    drains = DrainWatcher(Path(job["stop_file"])).start() if facts.is_main else None
+    try:
+        run_training(cfg, facts, reporter=RayReporter(run_dir, facts.is_main, manifest["step"] if manifest else -1))
+    finally:
+        if drains is not None:
+            drains.close()

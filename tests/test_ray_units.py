@@ -1,20 +1,36 @@
-"""Ray launcher logic that needs no cluster: resume choice, upload size, cluster fit, W&B backfill."""
+"""Ray launcher logic that needs no cluster: resume choice, upload size, cluster fit, W&B backfill, the stop
+channel (driver signals and Ray's drain notices -> the run's stop file) and what `launch ray` submits."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bigmodel_dist.config import load_config
-from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.errors import ConfigError, UserInputError
+from bigmodel_dist.preemption import StopSignals
 from launcher.ray_job import check_cluster_fits, check_output_dir
-from launcher.ray_submit import check_upload_size, upload_size
+from launcher.ray_stop import (
+    JOB_CONFIG_ENV,
+    STOP_WAIT_ENV,
+    DrainWatcher,
+    DriverStop,
+    job_stop_wait_s,
+    new_stop_file,
+    stop_reason,
+)
+from launcher.ray_submit import check_upload_size, finished_job_exit_code, submit_command, upload_size
 from launcher.ray_worker import BACKFILL_KEY, resume_choice
 
 from .conftest import REPO
+from .guards import HANG_GUARD_S
 
 
 def _committed(run_dir: Path, step: int) -> Path:
@@ -95,3 +111,72 @@ def test_controller_logs_backfilled_steps_once(tmp_path, monkeypatch):
     assert [step for step, _ in logged] == [1, 2, 3, 4, 4, 5, -1]
     assert logged[4][1] == {"checkpoint/save_s": 0.1}
     assert os.listdir(tmp_path) == []  # the callback itself writes nothing; W&B does
+
+
+def test_driver_signals_reach_the_stop_file_that_workers_poll(tmp_path):
+    """A signal before the run dir is known is kept and written once the file is named; the workers'
+    own StopSignals (no signals in Ray's thread, only the file) then see it."""
+    before = signal.getsignal(signal.SIGTERM)
+    stop = DriverStop()
+    try:
+        stop.watch(["SIGTERM", "SIGUSR1"])
+        assert {"SIGINT", "SIGTERM", "SIGUSR1"} <= set(stop.signals.watched)  # SIGINT: RAY_JOB_STOP_SIGNAL
+        os.kill(os.getpid(), signal.SIGTERM)  # what `ray job stop` sends; handled before kill returns
+        assert stop.received == "SIGTERM"
+        stop_file = new_stop_file(tmp_path / "run")
+        assert stop_file.parent == tmp_path / "run" / "ray" and not stop_file.exists()
+        assert new_stop_file(tmp_path / "run") != stop_file  # one per driver
+        worker_view = StopSignals([], stop_file=str(stop_file))
+        assert worker_view.received is None
+        stop.attach(stop_file)
+        assert worker_view.received == "stop file"
+        assert stop_reason(stop_file) == "SIGTERM to the Ray job's driver (ray job stop)"
+        os.kill(os.getpid(), signal.SIGINT)  # a second stop keeps the first reason
+        assert stop_reason(stop_file) == "SIGTERM to the Ray job's driver (ray job stop)"
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGTERM) == before  # the process's own handler is back
+    assert stop_reason(None) is None and stop_reason(tmp_path / "absent") is None
+
+
+def test_ray_drain_notice_becomes_a_stop_request(tmp_path):
+    stop_file = tmp_path / "stop"
+    notices: list[object] = [None, None]  # no drain for two polls, then Ray's PreemptionInfo
+    deadline_ms = (time.time() + 90) * 1000
+
+    def read_notice():
+        return notices.pop(0) if notices else SimpleNamespace(preempted_node_ids=["ab12"], deadline_ms=deadline_ms)
+
+    watcher = DrainWatcher(stop_file, read_notice, poll_s=0.01).start()
+    give_up = time.monotonic() + HANG_GUARD_S
+    while not stop_file.exists():
+        assert time.monotonic() < give_up, "the drain notice never became a stop request"
+        time.sleep(0.01)
+    watcher.close()
+    assert not notices
+    assert stop_reason(stop_file).startswith("Ray drains node(s) ['ab12'] (preemption), ")
+    # outside a Ray Train worker (or with a Ray that has no notices) nothing is watched
+    quiet = DrainWatcher(tmp_path / "never").start()
+    quiet.close()
+    assert not (tmp_path / "never").exists()
+
+
+def test_stop_wait_comes_from_ray_and_launch_ray_sets_it_and_reports_a_stop_as_requeue(tmp_path):
+    assert job_stop_wait_s({}) is None  # not a `ray job submit` entrypoint: nobody kills the driver
+    assert job_stop_wait_s({JOB_CONFIG_ENV: "{}"}) == 3  # Ray's default
+    assert job_stop_wait_s({JOB_CONFIG_ENV: "{}", STOP_WAIT_ENV: "300"}) == 300
+    cfg = load_config(REPO / "configs" / "gpt2-tiny.yaml")
+    assert cfg.ray.stop_wait_s == 300
+    args = argparse.Namespace(address="http://127.0.0.1:8265", working_dir=tmp_path, no_wait=False, submission_id="s1")
+    command = submit_command(args, "configs/gpt2-tiny.yaml", [], cfg.ray.stop_wait_s)
+    runtime_env = json.loads(command[command.index("--runtime-env-json") + 1])
+    assert runtime_env == {"env_vars": {STOP_WAIT_ENV: "300"}}
+    assert command[command.index("--submission-id") + 1] == "s1"
+    # `ray job submit` says 0 for a stopped job and 1 for any failure; Ray's record of the job says more
+    assert finished_job_exit_code(0, {"status": "STOPPED", "driver_exit_code": None}, 85) == 85
+    assert finished_job_exit_code(1, {"status": "FAILED", "driver_exit_code": 85}, 85) == 85  # a drained node
+    assert finished_job_exit_code(1, {"status": "FAILED", "driver_exit_code": 1}, 85) == 1
+    assert finished_job_exit_code(0, {"status": "SUCCEEDED", "driver_exit_code": 0}, 85) == 0
+    assert finished_job_exit_code(1, None, 85) == 1  # the dashboard did not answer: what submit said
+    with pytest.raises(ConfigError, match="ray.stop_wait_s"):
+        load_config(REPO / "configs" / "gpt2-tiny.yaml", ["--ray.stop_wait_s=0"])
