@@ -73,12 +73,12 @@ class Faults:
             if step == int(fault.number("step")):
                 _sleep_for_ever()
 
-    def loss_scale(self, sample_indices: range) -> float:
+    def loss_scale(self, sample_indices: list[int]) -> float:
         """1.0, NaN, or a spike factor for a micro-batch that holds poisoned samples."""
         scale = 1.0
         for fault in self.of("nan") + self.of("spike"):
             poisoned = fault.samples()
-            if sample_indices.start < poisoned.stop and poisoned.start < sample_indices.stop:
+            if any(i in poisoned for i in sample_indices):
                 scale *= float("nan") if fault.name == "nan" else fault.number("scale", 100.0)
         return scale
 

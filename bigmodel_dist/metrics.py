@@ -55,7 +55,9 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
         history = read_metrics(path)
-        self._logged_before = history.last_step()  # steps already in W&B from earlier processes
+        # Steps already in W&B from earlier processes: every step a trainer wrote, also the steps that a
+        # rollback redid since (W&B refuses to go back below them).
+        self._logged_before = history.last_trainer_step
         # Incidents a launcher recorded after the last trainer died (a hang) reach W&B with the next step.
         self._pending_wandb = {f"incident/{i['event']}": 1 for i in history.launcher_incidents_since_trainer()}
         self._file = open(path, "a", buffering=1)

@@ -25,6 +25,7 @@ class MetricsHistory:
     records: list[dict] = field(default_factory=list)  # deduplicated, in step order of logging
     restarts: list[dict] = field(default_factory=list)  # {"step", "time"} of each restart
     incidents: list[dict] = field(default_factory=list)  # {"event": kind, "step", "time", ...}
+    last_trainer_step: int = 0  # the highest step any trainer line carries, redone steps included
     bad_lines: int = 0
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
@@ -53,6 +54,8 @@ def read_metrics(path: Path) -> MetricsHistory:
         except (ValueError, KeyError, TypeError):
             history.bad_lines += 1
             continue
+        if record.get("source") != LAUNCHER:
+            history.last_trainer_step = max(history.last_trainer_step, step)
         if record.get("event") == "restart":
             history.restarts.append(record)
             history.records = [r for r in history.records if r["step"] <= step]  # redone after the resume

@@ -17,7 +17,10 @@ import mmap
 import os
 import signal
 import struct
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -26,7 +29,8 @@ PROGRESS_DIR_ENV = "BIGMODEL_PROGRESS_DIR"
 DUMP_SIGNAL = signal.SIGUSR2
 # In loop order: a rank at an earlier (step, phase) than another is behind it.
 PHASES = ("startup", "data", "forward", "backward", "optimizer", "collective", "eval", "save", "shutdown", "done")
-_RECORD = struct.Struct("<qqdqq")  # sequence, step, monotonic time, phase index, pid
+_RECORD = struct.Struct("<qqdqq")
+HEARTBEAT_S = 10.0  # sequence, step, monotonic time, phase index, pid
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,30 @@ class ProgressRecorder:
         self._map[8:] = _RECORD.pack(0, step, time.monotonic(), PHASES.index(phase), os.getpid())[8:]
         self._sequence += 1
         self._map[:8] = struct.pack("<q", self._sequence)
+
+    @contextmanager
+    def heartbeat(self, phase: str, step: int, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+        """Mark `phase` again every `every_s` while the block runs: for long work that is progressing but
+        has no steps of its own (a universal-checkpoint conversion in a subprocess, a checksum pass over
+        the data). A hang inside the block is then not seen by the watchdog; keep such blocks few."""
+        if self._map is None:
+            yield
+            return
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(every_s):
+                self.mark(phase, step)
+
+        self.mark(phase, step)
+        thread = threading.Thread(target=beat, name="progress-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.mark(phase, step)
 
     def close(self) -> None:
         if self._map is not None:

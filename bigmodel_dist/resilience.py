@@ -8,8 +8,8 @@ since. Its memory (recent losses, the streak) lives in `TrainState`, so a resume
 an uninterrupted one would.
 
 `StragglerTracker` flags a rank whose compute time per step (its forward passes: no collective waits
-there under ZeRO 0-2) exceeds the median rank's by `straggler_factor` for `straggler_intervals` log
-intervals in a row.
+there under ZeRO 0-2; under ZeRO-3 they hold parameter gathers, which hide a straggler) exceeds the
+median of the other ranks by `straggler_factor` for `straggler_intervals` log intervals in a row.
 """
 
 from __future__ import annotations
@@ -119,11 +119,12 @@ class StragglerTracker:
         """This interval's per-rank compute seconds -> (slowest / median, ranks whose streak reached
         `straggler_intervals` just now)."""
         median = statistics.median(compute_s)
-        if median <= 0:
+        if median <= 0 or len(compute_s) < 2:
             return 1.0, []
         newly = []
         for rank, seconds in enumerate(compute_s):
-            if seconds > self.cfg.straggler_factor * median:
+            others = statistics.median(compute_s[:rank] + compute_s[rank + 1:])  # two ranks: the other one
+            if seconds > self.cfg.straggler_factor * others:
                 self._streaks[rank] = self._streaks.get(rank, 0) + 1
                 if self._streaks[rank] == self.cfg.straggler_intervals:
                     newly.append(rank)

@@ -66,6 +66,12 @@ def load_universal_checkpoints(accelerator) -> None:
     accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
 
 
+def set_universal_loading(engine, universal: bool) -> None:
+    """Whether the built engine's next load reads a universal checkpoint: a rollback may load a native
+    checkpoint after a start-up that loaded a universal one, or the other way round."""
+    engine._config.load_universal_checkpoint = universal
+
+
 def restart_accumulation_count(accelerator) -> None:
     """Start Accelerate's micro-step counter, which places accumulation boundaries, from zero.
 

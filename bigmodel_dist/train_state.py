@@ -6,6 +6,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from bigmodel_dist.data.sampler import global_index
+
 
 @dataclass
 class TrainState:
@@ -24,14 +26,16 @@ class TrainState:
     first_bad_step: int = 0  # the first step of that streak
     skipped_steps: int = 0  # bad steps skipped over the whole run
     rollbacks: int = 0
-    skipped_samples: int = 0  # samples passed over by rollbacks: the cursor is step * G + this
-    skipped_ranges: list[list[int]] = field(default_factory=list)  # [start, end) of each passed-over window
+    skipped_samples: int = 0  # samples passed over by rollbacks, in all
+    skipped_ranges: list[list[int]] = field(default_factory=list)  # [start, end) global samples, sorted
+    last_rollback_to: int = -1  # the step the last rollback went back to
     lr_scale: float = 1.0  # product of resilience.rollback_lr_factor over the rollbacks
 
     def advance(self, tokens: int, samples: int) -> None:
+        """One step of `samples` global samples done: the cursor passes over skipped ranges it meets."""
         self.step += 1
         self.tokens_seen += tokens
-        self.samples_seen += samples
+        self.samples_seen = global_index(self.step * samples, self.skipped_ranges)
 
     def goodput(self) -> float:
         return self.productive_s / max(1e-9, time.time() - self.run_started_at)

@@ -24,6 +24,7 @@ from bigmodel_dist.config.validate import ResolvedRun
 from bigmodel_dist.data.dataset import PackedDataset
 from bigmodel_dist.data.loader import BatchLoader
 from bigmodel_dist.data.prepare import prepare_for_run
+from bigmodel_dist.data.sampler import global_index
 from bigmodel_dist.distributed import DistributedFacts, on_rank0_then_shared
 from bigmodel_dist.errors import RunFailedError
 from bigmodel_dist.evaluation import Evaluator
@@ -44,6 +45,7 @@ from bigmodel_dist.runtime import (
     replace_checkpoint_engine,
     restart_accumulation_count,
     set_learning_rate,
+    set_universal_loading,
     skips_non_finite_steps,
     unshare_optimizer_steps,
 )
@@ -120,7 +122,8 @@ class Trainer:
         if facts.is_main:
             log.info("process group ready: %d rank(s), %s; opening data, building the model and engine",
                      facts.world_size, "nccl" if torch.cuda.is_available() else "gloo")
-        self.dataset = self._open_data()
+        with self.progress.heartbeat("startup", 0):  # preparing and checksumming data can take long
+            self.dataset = self._open_data()
         self.tokenizer = self.dataset.tokenizer()
         self.clock.mark("data")
         self.checkpoints = CheckpointManager(self.run_dir, self.cfg.checkpoint, facts)
@@ -276,7 +279,9 @@ class Trainer:
             return verdict
         step = self.state.step
         norm = self.runtime.engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (ZeRO-0)
-        if not verdict.bad and norm is not None and not math.isfinite(float(norm)):
+        # fp16's loss scaler overflows (and skips) now and then by design: only its losses are judged.
+        judged = norm is not None and self.cfg.train.precision != "fp16"
+        if not verdict.bad and judged and not math.isfinite(float(norm)):
             verdict = self.guard.verdict_for("non-finite gradient norm")
         self.guard.record(step, loss, verdict.bad)
         if verdict.bad:
@@ -287,38 +292,44 @@ class Trainer:
     def _open_loader(self) -> BatchLoader:
         return BatchLoader(self.dataset.train, self.resolved.layout, self.facts.rank, self.cfg.seed,
                            start_step=self.state.step, prefetch=self.cfg.data.prefetch,
-                           pin_memory=torch.cuda.is_available(), skipped=self.state.skipped_samples)
+                           pin_memory=torch.cuda.is_available(), skipped=self.state.skipped_ranges)
 
     def _roll_back(self) -> None:
-        """Collective: back to the newest checkpoint saved before this streak of bad steps, past the data
-        those steps read; the lost steps' time does not count as productive."""
+        """Collective: back to the newest checkpoint saved before this streak of bad steps; the good steps
+        after it are redone on the same data, the samples the bad steps read are passed over. The lost
+        steps' time does not count as productive."""
         state, cfg = self.state, self.cfg.resilience
+        if state.rollbacks >= cfg.max_rollbacks:
+            raise RunFailedError(f"{state.bad_streak} bad steps in a row from step {state.first_bad_step} after "
+                                 f"{state.rollbacks} rollback(s) (resilience.max_rollbacks): the run keeps diverging; "
+                                 "lower optim.lr or check the data", on_every_rank=True)
         self.progress.mark("save", state.step)  # a checkpoint load: the save limit applies
         self.checkpoints.settle()
-        target = self.checkpoints.choose_resume("latest", before_step=state.first_bad_step)
+        before = state.first_bad_step
+        if state.last_rollback_to >= 0 and before <= state.last_rollback_to + 2:
+            before = state.last_rollback_to  # diverged again right after the last rollback: go further back
+        target = self.checkpoints.choose_resume("latest", before_step=before)
         if target is None:
             raise RunFailedError(
                 f"{state.bad_streak} bad steps in a row from step {state.first_bad_step} and no checkpoint saved "
-                "before them to roll back to; save earlier (checkpoint.every) or check the data and the learning "
-                "rate", on_every_rank=True)
-        bad_step, bad_end = state.step, state.samples_seen
+                f"before step {before} to roll back to; save earlier (checkpoint.every) or check the data and the "
+                "learning rate", on_every_rank=True)
+        self.checkpoints.discard_from(target.train_state["step"] + 1)  # the abandoned timeline's saves
+        batch = self.resolved.layout.global_batch_size
+        bad = [global_index((state.first_bad_step - 1) * batch, state.skipped_ranges), state.samples_seen]
+        bad_step = state.step
         kept = {"run_started_at": state.run_started_at, "skipped_steps": state.skipped_steps,
                 "rollbacks": state.rollbacks + 1, "lr_scale": state.lr_scale * cfg.rollback_lr_factor,
-                "skipped_ranges": state.skipped_ranges}
+                "skipped_ranges": sorted([*state.skipped_ranges, bad]),
+                "skipped_samples": state.skipped_samples + bad[1] - bad[0]}
         self.loader.close()
-        load_from = self._loadable_copy(target, self.runtime.accelerator)
-        self.runtime.accelerator.load_state(str(load_from))
-        restart_accumulation_count(self.runtime.accelerator)
-        state.load_state_dict(target.train_state)
+        self._load(target, self._loadable_copy(target, self.runtime.accelerator))
         state.load_state_dict(kept)
-        skipped = [int(target.train_state["samples_seen"]), bad_end]
-        state.skipped_ranges = [*state.skipped_ranges, skipped]
-        state.samples_seen = bad_end  # the cursor passes over what the bad steps read
-        state.skipped_samples = bad_end - state.step * self.resolved.layout.global_batch_size
-        state.bad_streak = 0
+        state.samples_seen = global_index(state.step * batch, state.skipped_ranges)
+        state.last_rollback_to = state.step
         self.loader = self._open_loader()
         self.metrics.incident(bad_step, "rollback", to_step=state.step, lost_steps=bad_step - state.step,
-                              skipped_samples=skipped, checkpoint=str(target.path), lr_scale=state.lr_scale)
+                              skipped_samples=bad, checkpoint=str(target.path), lr_scale=state.lr_scale)
         self.metrics.mark_restart(state.step, redone_through=bad_step)
 
     def _open_data(self) -> PackedDataset:
@@ -369,13 +380,15 @@ class Trainer:
             log.warning("checkpoint %s was written by %d rank(s) at ZeRO-%d; resuming on %d at ZeRO-%d through a "
                         "universal checkpoint", resume.path.name, resume.meta["world_size"], resume.meta["zero_stage"],
                         world, stage)
-        path = on_rank0_then_shared(self.facts.is_main, lambda: convert_to_universal(resume.path, world, stage))
+        with self.progress.heartbeat("save", self.state.step):  # a conversion in a subprocess: minutes for big models
+            path = on_rank0_then_shared(self.facts.is_main, lambda: convert_to_universal(resume.path, world, stage))
         load_universal_checkpoints(accelerator)
         return path
 
     def _load(self, resume: ResumePoint, load_from: Path) -> None:
         """Model, optimizer and RNG states through Accelerate; the training state from the metadata."""
         accelerator = self.runtime.accelerator
+        set_universal_loading(self.runtime.engine, load_from != resume.path)
         accelerator.load_state(str(load_from))
         if load_from != resume.path:  # loaded through a universal checkpoint
             unshare_optimizer_steps(self.runtime.engine)

@@ -16,6 +16,7 @@ import faulthandler
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -86,6 +87,7 @@ def write_diagnosis(hang: Hang, progress_dir: Path, run_dir: Path) -> Path:
             os.kill(p.pid, DUMP_SIGNAL)
         except ProcessLookupError:
             pass
+    _request_flight_records(progress_dir)
     _wait_for_dumps(progress_dir, [p.rank for p in hang.ranks])
     host = socket.gethostname()
     folder = run_dir / "logs" / f"hang-{time.strftime('%Y%m%d-%H%M%S')}-{host}"
@@ -94,6 +96,8 @@ def write_diagnosis(hang: Hang, progress_dir: Path, run_dir: Path) -> Path:
         stacks = progress_dir / f"rank-{p.rank}.stacks"
         if stacks.exists():
             (folder / f"rank-{p.rank}.stacks.txt").write_text(stacks.read_text(errors="replace"))
+    for trace in progress_dir.glob(f"{NCCL_TRACE_PREFIX}*"):  # NCCL flight records, where there are any
+        shutil.copyfile(trace, folder / trace.name)
     report = {"host": host, "silent_s": hang.silent_s, "limit_s": hang.limit_s, "declared_at": hang.declared_at,
               "suspects": hang.suspects,
               "ranks": [asdict(p) for p in hang.ranks]}
@@ -120,14 +124,32 @@ def _size(path: Path) -> int:
         return 0
 
 
-def flight_recorder_env(run_dir: Path) -> dict[str, str]:
-    """NCCL only: keep a ring of recent collectives per rank and dump it when a collective times out, into
-    the run's logs (PyTorch's flight recorder; gloo has none)."""
+NCCL_TRACE_PREFIX = "nccl-trace-rank-"
+NCCL_PIPE_PREFIX = "nccl-pipe-rank-"
+
+
+def flight_recorder_env(progress_dir: Path) -> dict[str, str]:
+    """NCCL only: each rank keeps a ring of its recent collectives (PyTorch's flight recorder; gloo has
+    none) and dumps it into `progress_dir` when a byte is written to its pipe there, which
+    `write_diagnosis` does, or when a collective times out."""
     return {
         "TORCH_NCCL_TRACE_BUFFER_SIZE": os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000"),
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(run_dir / "logs" / "nccl-flight-recorder-rank-"),
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(progress_dir / NCCL_TRACE_PREFIX),
+        "TORCH_NCCL_DEBUG_INFO_PIPE_FILE": str(progress_dir / NCCL_PIPE_PREFIX),
     }
+
+
+def _request_flight_records(progress_dir: Path) -> None:
+    for pipe in progress_dir.glob(f"{NCCL_PIPE_PREFIX}*.pipe"):
+        try:
+            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)  # no reader (a dead rank): skip it
+        except OSError:
+            continue
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
 
 
 class SelfWatchdog:
@@ -168,8 +190,9 @@ class SelfWatchdog:
             step = max((p.step for p in hang.ranks), default=0)
             append_incident(self._run_dir / "metrics.jsonl", "hang", step, host=host, silent_s=hang.silent_s,
                             suspects=[], diagnosis=str(folder))
-        log.error("hang: rank %d: %s; stacks in %s; ending this worker (exit %d) for a restart", self._rank,
-                  hang.summary(), folder, self._cfg.hang_exit_code)
+        # Not through `logging`: the hung thread may hold its lock.
+        os.write(2, (f"hang: rank {self._rank}: {hang.summary()}; stacks in {folder}; ending this worker "
+                     f"(exit {self._cfg.hang_exit_code}) for a restart\n").encode())
         # The other ranks of the group are silent too and declare within moments; leaving at once would
         # break their collective first, and they would end with a connection error instead of a dump.
         time.sleep(min(SELF_HANG_GRACE_S, self._cfg.hang_timeout_s))

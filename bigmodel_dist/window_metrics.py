@@ -101,5 +101,6 @@ class WindowMetrics:
         figures.update({"compute_s_per_rank": computes, "straggler/slowest_to_median": ratio})
         for rank in stragglers:
             self.metrics.incident(step, "straggler", rank=rank, host=self._hosts[rank], compute_s=computes[rank],
-                                  median_s=statistics.median(computes), intervals=self.resilience.straggler_intervals)
+                                  others_median_s=statistics.median(computes[:rank] + computes[rank + 1:]),
+                                  intervals=self.resilience.straggler_intervals)
         return figures

@@ -151,11 +151,14 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     signals.watch(cfg.checkpoint.stop_signals)
     clock.dump_stacks_after(cfg.logging.startup_stacks_after_s)  # a stuck import shows where it waits
+    from bigmodel_dist.progress import PROGRESS_DIR_ENV
     from bigmodel_dist.session import run_training
 
     clock.mark("imports + config")
     try:
-        state = run_training(cfg, facts, signals=signals, clock=clock)
+        # No launcher of ours above (srun one task per GPU, accelerate launch): each rank watches itself.
+        supervised = bool(os.environ.get(PROGRESS_DIR_ENV))
+        state = run_training(cfg, facts, signals=signals, clock=clock, watch_self=not supervised)
     except RunFailedError as exc:  # e.g. a full disk: one line naming the rank, path and cause
         if facts.is_main or not exc.on_every_rank:
             print_error(exc)

@@ -105,11 +105,17 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
     progress_dir.mkdir()
     env = {**os.environ, STOP_FILE_ENV: str(stop_file), PROGRESS_DIR_ENV: str(progress_dir)}
     if device.has_cuda:
-        env.update(flight_recorder_env(resolved.run_dir))
+        env.update(flight_recorder_env(progress_dir))
     child = _start_in_own_group(command, env)
     _forward_interrupts(child)
-    code = _supervise(child, HangWatchdog(progress_dir, resolved.config.resilience), resolved.run_dir)
-    if code is None:  # hung: diagnosed and ended
+    if resolved.config.resilience.enabled:
+        code = _supervise(child, HangWatchdog(progress_dir, resolved.config.resilience), resolved.run_dir)
+    else:
+        code = child.wait()
+    if code is None and _marker_since(resolved.run_dir / "COMPLETED", started):
+        log.warning("the workers hung shutting down after the run had completed and saved; treating it as success")
+        code = 0
+    elif code is None:  # hung: diagnosed and ended
         return resolved.config.resilience.hang_exit_code
     if _marker_since(resolved.run_dir / "STOPPED", started) or signals.received:
         code = requeue_code
@@ -133,8 +139,10 @@ def _supervise(child: subprocess.Popen, watchdog: HangWatchdog, run_dir: Path) -
         hang = watchdog.check()
         if hang is None:
             continue
-        folder = write_diagnosis(hang, watchdog.progress_dir, run_dir)
-        _end_tree(child)
+        try:
+            folder = write_diagnosis(hang, watchdog.progress_dir, run_dir)
+        finally:  # a full disk (a common cause of hangs) must not leave the hung processes behind
+            _end_tree(child)
         step = max((p.step for p in hang.ranks), default=0)
         hosts = [socket.gethostname()] if hang.suspects else []
         append_incident(run_dir / "metrics.jsonl", "hang", step, host=socket.gethostname(), silent_s=hang.silent_s,
@@ -145,12 +153,17 @@ def _supervise(child: subprocess.Popen, watchdog: HangWatchdog, run_dir: Path) -
 
 
 def _end_tree(child: subprocess.Popen) -> None:
-    """SIGKILL the workers, then torchrun: a hung collective answers nothing gentler."""
-    for pid in [*child_pids(child.pid), child.pid]:
+    """SIGKILL the workers with everything they started (each leads a process group of its own: torchrun
+    starts them in new sessions), then torchrun: a hung collective answers nothing gentler."""
+    for pid in child_pids(child.pid):
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # torchrun leads its own session too
+    except ProcessLookupError:
+        pass
     child.wait()
 
 

@@ -159,6 +159,19 @@ class CheckpointManager:
             self.close()
             raise RunFailedError(f"{failure}; {FAILURE_ADVICE.format(dir=self.dir)}", on_every_rank=True)
 
+    def discard_from(self, step: int) -> None:
+        """Collective: delete every committed checkpoint of step >= `step` (a rollback abandons them: they
+        must never win a later resume) and point `latest` at the newest one left."""
+        if self.facts.is_main:
+            for path in step_dirs(self.dir):
+                if int(path.name.split("_")[-1]) >= step:
+                    shutil.rmtree(path)
+                    log.warning("rollback: deleted %s, saved after the checkpoint rolled back to", path.name)
+            remaining = step_dirs(self.dir)
+            if remaining:
+                write_text_atomically(self.dir / "latest", remaining[0].name + "\n")
+        dist.barrier()
+
     def close(self) -> None:
         """Leave no thread behind (not collective: also on an error path); an unfinished commit is
         abandoned and its partial directory never chosen."""

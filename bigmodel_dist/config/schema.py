@@ -201,6 +201,9 @@ class CheckpointConfig:
         for i, name in enumerate(self.stop_signals):
             if not isinstance(getattr(signal, name, None), signal.Signals):
                 raise ConfigError(f"checkpoint.stop_signals[{i}]", f"{name!r} is not a signal name like SIGTERM")
+            if name == "SIGUSR2":
+                raise ConfigError(f"checkpoint.stop_signals[{i}]", "SIGUSR2 is reserved: it asks a rank for its stacks "
+                                  "(the hang watchdog); use SIGTERM or SIGUSR1")
 
 
 @dataclass
@@ -312,13 +315,15 @@ class ResilienceConfig:
     back to the last good checkpoint and skipping the data those steps read."""
     rollback_lr_factor: float = 1.0
     """Multiply the learning rate by this after each rollback (1.0 keeps it)."""
+    max_rollbacks: int = 5
+    """Rollbacks in one run before it stops with an error: a run that keeps diverging needs a person."""
 
     def check(self) -> None:
         _require_positive("resilience", hang_timeout_s=self.hang_timeout_s, startup_timeout_s=self.startup_timeout_s,
                           save_timeout_s=self.save_timeout_s, health_slow_factor=self.health_slow_factor,
                           straggler_factor=self.straggler_factor, straggler_intervals=self.straggler_intervals,
                           spike_window=self.spike_window, spike_factor=self.spike_factor,
-                          max_bad_steps=self.max_bad_steps)
+                          max_bad_steps=self.max_bad_steps, max_rollbacks=self.max_rollbacks)
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise ConfigError("resilience.rollback_lr_factor", f"must be in (0, 1], got {self.rollback_lr_factor}")
         for name in ("hang_exit_code", "bad_node_exit_code"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,18 +18,19 @@ from bigmodel_dist.data.sampler import ShuffledOrder, micro_batch_indices
 
 
 def micro_batch(rows, order: ShuffledOrder, layout: BatchLayout, step: int, micro_step: int, rank: int,
-                skipped: int = 0) -> np.ndarray:
+                skipped: Sequence[Sequence[int]] = ()) -> np.ndarray:
     indices = micro_batch_indices(layout, step, micro_step, rank, skipped)
     return np.stack([rows[order[i]] for i in indices]).astype(np.int64)
 
 
 class BatchLoader:
     """Yields this rank's micro-batches from `start_step` on, `prefetch` ahead of the consumer.
-    `skipped`: global samples that rollbacks passed over before `start_step` (the cursor's shift)."""
+    `skipped`: the [start, end) ranges of global samples that rollbacks passed over."""
 
     def __init__(self, rows, layout: BatchLayout, rank: int, seed: int, start_step: int = 0,
-                 prefetch: int = 4, pin_memory: bool = False, skipped: int = 0):
-        self._rows, self._layout, self._rank, self.skipped = rows, layout, rank, skipped
+                 prefetch: int = 4, pin_memory: bool = False, skipped: Sequence[Sequence[int]] = ()):
+        self._rows, self._layout, self._rank = rows, layout, rank
+        self.skipped = [list(r) for r in skipped]
         self._order = ShuffledOrder(len(rows), seed)
         self._pin = pin_memory
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -61,7 +62,7 @@ class BatchLoader:
         except BaseException as exc:  # surfaced to the consumer, not lost in the thread
             self._queue.put((-1, -1, exc))
 
-    def indices(self, step: int, micro_step: int) -> range:
+    def indices(self, step: int, micro_step: int) -> list[int]:
         """The global sample indices of this rank's micro-batch at (step, micro_step)."""
         return micro_batch_indices(self._layout, step, micro_step, self._rank, self.skipped)
 

@@ -1,12 +1,15 @@
 """Which samples each rank reads at each (step, micro-step): seeded, per-epoch shuffled, world-size free.
 
-Optimizer step `s` consumes global samples [s*G, (s+1)*G) whatever the number of ranks (shifted by the
-samples a rollback skipped, see `resilience.py`); inside it, micro-step `m` of rank `r` takes the slice
-starting at (m * dp + r) * micro. So the position in the data is one integer (global samples consumed),
-and a run may resume on a different world size.
+Optimizer step `s` consumes logical samples [s*G, (s+1)*G) whatever the number of ranks; inside it,
+micro-step `m` of rank `r` takes the slice starting at (m * dp + r) * micro. A logical sample is the
+global sample at the same index, passing over the ranges a rollback skipped (poisoned data, see
+`resilience.py`). So the position in the data is one integer (global samples consumed) plus the
+skipped ranges, and a run may resume on a different world size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,11 +35,21 @@ class ShuffledOrder:
         return int(self._perm[offset])
 
 
-def micro_batch_indices(layout: BatchLayout, step: int, micro_step: int, rank: int, skipped: int = 0) -> range:
-    """Global sample indices of one micro-batch of one rank; `skipped`: samples passed over by rollbacks."""
-    start = (step * layout.global_batch_size + skipped
-             + (micro_step * layout.data_parallel_size + rank) * layout.micro_batch_size)
-    return range(start, start + layout.micro_batch_size)
+def global_index(logical: int, skipped: Sequence[Sequence[int]] = ()) -> int:
+    """The global sample read at logical position `logical`, passing over the `skipped` ranges
+    ([start, end) in global indices, sorted, disjoint)."""
+    index = logical
+    for start, end in skipped:
+        if index >= start:
+            index += end - start
+    return index
+
+
+def micro_batch_indices(layout: BatchLayout, step: int, micro_step: int, rank: int,
+                        skipped: Sequence[Sequence[int]] = ()) -> list[int]:
+    """Global sample indices of one micro-batch of one rank; `skipped`: ranges passed over by rollbacks."""
+    start = step * layout.global_batch_size + (micro_step * layout.data_parallel_size + rank) * layout.micro_batch_size
+    return [global_index(start + i, skipped) for i in range(layout.micro_batch_size)]
 
 
 def eval_batch_indices(layout: BatchLayout, batch_index: int, rank: int, num_sequences: int) -> list[int]:
