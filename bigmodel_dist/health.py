@@ -318,3 +318,36 @@ def write_report(report: HealthReport, run_dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(path, report.as_dict())
     return path
+
+
+def record_bad_nodes(report: HealthReport, run_dir: Path, report_path: str) -> None:
+    """One `bad_node` incident per bad node in the run's metrics.jsonl, at the step the run is at."""
+    from bigmodel_dist.metrics_file import append_incident, read_metrics
+
+    if not report.bad:
+        return
+    metrics = run_dir / "metrics.jsonl"
+    step = read_metrics(metrics).last_step()
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    for unit in report.bad:
+        append_incident(metrics, "bad_node", step, host=unit.host, unit=unit.name, problem=unit.problem,
+                        report=report_path, check_s=report.seconds)
+
+
+def check_before_training(facts: DistributedFacts, resilience: ResilienceConfig, logging_cfg: LoggingConfig,
+                          run_dir: Path, faults: Faults) -> None:
+    """Collective, in a process group that is already up (a Ray worker group): the health check, its
+    report on rank 0, and a RunFailedError on every rank naming the bad nodes, if any."""
+    from bigmodel_dist.errors import RunFailedError
+    from bigmodel_dist.suspects import record_suspect_nodes
+
+    report = run_health_check(facts, resilience, logging_cfg, faults)
+    if facts.is_main:
+        for line in report.lines():
+            log.info("%s", line)
+        path = write_report(report, run_dir)
+        record_bad_nodes(report, run_dir, str(path))
+        record_suspect_nodes(report.bad_hosts)
+    if report.bad:
+        raise RunFailedError(f"node health check: bad {', '.join(u.name for u in report.bad)}; see "
+                             f"{run_dir / 'logs'}/health-*.json", on_every_rank=True)

@@ -21,7 +21,6 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bigmodel_dist.config import load_config
 from bigmodel_dist.config.validate import run_dir_of
@@ -32,9 +31,6 @@ from bigmodel_dist.precision import detect_device
 from bigmodel_dist.suspects import record_suspect_nodes
 from launcher.logs import setup_logging
 from launcher.user_errors import report_user_errors
-
-if TYPE_CHECKING:
-    from bigmodel_dist.health import HealthReport
 
 log = logging.getLogger(__name__)
 RESULT_FILE_ENV = "BIGMODEL_HEALTH_RESULT_FILE"  # where a node's local rank 0 writes the verdict
@@ -95,7 +91,7 @@ def _worker(facts: DistributedFacts, config: str, overrides: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from bigmodel_dist.health import run_health_check, write_report
+    from bigmodel_dist.health import record_bad_nodes, run_health_check, write_report
 
     cfg = load_config(config, overrides)
     faults = faults_from_env()
@@ -113,24 +109,10 @@ def _worker(facts: DistributedFacts, config: str, overrides: list[str]) -> int:
         suspects = record_suspect_nodes(report.bad_hosts)
         if suspects:
             log.warning("suspect node(s) %s recorded in %s", ", ".join(report.bad_hosts), suspects)
-        _record_incidents(report, run_dir_of(cfg), result["report"])
+        record_bad_nodes(report, run_dir_of(cfg), result["report"])
     if facts.local_rank == 0 and os.environ.get(RESULT_FILE_ENV):
         Path(os.environ[RESULT_FILE_ENV]).write_text(json.dumps(result))
     return 0
-
-
-def _record_incidents(report: HealthReport, run_dir: Path, report_path: str) -> None:
-    """One `bad_node` line per bad node in the run's metrics.jsonl, at the step the run is at."""
-    from bigmodel_dist.metrics_file import append_incident, read_metrics
-
-    if not report.bad:
-        return
-    metrics = run_dir / "metrics.jsonl"
-    step = read_metrics(metrics).last_step()
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    for unit in report.bad:
-        append_incident(metrics, "bad_node", step, host=unit.host, unit=unit.name, problem=unit.problem,
-                        report=report_path, check_s=report.seconds)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,20 @@ def train_worker(job: dict[str, Any]) -> None:
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=resume))
     drains = DrainWatcher(Path(job["stop_file"])).start() if facts.is_main else None
     try:
-        run_training(cfg, facts, reporter=RayReporter(run_dir, facts.is_main, manifest["step"] if manifest else -1))
+        if cfg.resilience.health_check:  # Ray Train has the process group up already: seconds
+            from bigmodel_dist.faults import faults_from_env
+            from bigmodel_dist.health import check_before_training
+
+            if cfg.ray.use_gpu:  # the check measures the current CUDA device: this worker's
+                import ray.train.torch
+                import torch
+
+                torch.cuda.set_device(ray.train.torch.get_device())
+            check_before_training(facts, cfg.resilience, cfg.logging, run_dir, faults_from_env())
+        # No launcher of ours supervises a Ray worker: each watches itself for hangs (exit 86: Ray restarts
+        # the group from the last checkpoint).
+        run_training(cfg, facts, reporter=RayReporter(run_dir, facts.is_main, manifest["step"] if manifest else -1),
+                     watch_self=True)
     finally:
         if drains is not None:
             drains.close()

@@ -76,7 +76,10 @@ EOF
 
 WORKERS=$(( ${#NODES[@]} * (GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1) ))
 USE_GPU=$([[ $GPUS_PER_NODE -gt 0 ]] && echo true || echo false)
-ray job submit --address "http://$HEAD_IP:$DASHBOARD_PORT" --working-dir . -- \
+# Ray SIGKILLs a stopped job's driver 3 s after its SIGTERM unless told otherwise: give the workers
+# time for one step and one checkpoint (ray.stop_wait_s).
+ray job submit --address "http://$HEAD_IP:$DASHBOARD_PORT" --working-dir . \
+    --runtime-env-json '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "300"}}' -- \
     python -m launcher.ray_job "$CONFIG" --output_dir="$PWD/runs" --ray.num_workers="$WORKERS" \
     --ray.use_gpu="$USE_GPU" --ray.address="$HEAD_IP:$GCS_PORT" "$@"
 exit $?

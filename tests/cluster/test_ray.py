@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -136,6 +137,8 @@ def test_ray_job_succeeds_with_checkpoints_w_and_b_and_a_small_upload(reference_
     job = reference_runs["zero2"]
     assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
+    # the node health check ran in the worker group before training, and passed
+    assert re.search(r"health check: .*healthy", job.stdout + job.stderr), job.stdout[-6000:]
     run_dir = reference_runs["out"] / "zero2"
     _check_finished_run(run_dir, stage=2)
     wandb_bytes = _wandb_file(run_dir)  # W&B from Ray's controller: every step's loss
