@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-INCIDENTS = ("hang", "bad_node", "straggler", "skip", "rollback")
+INCIDENTS = ("hang", "bad_node", "straggler", "skip", "rollback", "mixture")  # mixture: weights changed
 LAUNCHER = "launcher"  # the `source` of incidents a launcher or health check wrote, not a trainer
 
 

@@ -30,6 +30,7 @@ class TrainState:
     skipped_ranges: list[list[int]] = field(default_factory=list)  # [start, end) global samples, sorted
     last_rollback_to: int = -1  # the step the last rollback went back to
     lr_scale: float = 1.0  # product of resilience.rollback_lr_factor over the rollbacks
+    mixture: list[dict] = field(default_factory=list)  # the data mixture's segments (data/mixture.py)
 
     def advance(self, tokens: int, samples: int) -> None:
         """One step of `samples` global samples done: the cursor passes over skipped ranges it meets."""

@@ -21,9 +21,10 @@ from bigmodel_dist.checkpoint.reshard import convert_to_universal
 from bigmodel_dist.config.loader import save_config, to_dict
 from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.config.validate import ResolvedRun
-from bigmodel_dist.data.dataset import PackedDataset
+from bigmodel_dist.data.dataset import MixedDataset, PackedDataset
 from bigmodel_dist.data.loader import BatchLoader
-from bigmodel_dist.data.prepare import prepare_for_run
+from bigmodel_dist.data.mixture import MixtureProgress, MixtureReader, MixtureSchedule, Segment
+from bigmodel_dist.data.mixture_sources import prepare_run_sources
 from bigmodel_dist.data.sampler import global_index
 from bigmodel_dist.distributed import DistributedFacts, on_rank0_then_shared
 from bigmodel_dist.errors import RunFailedError
@@ -149,12 +150,13 @@ class Trainer:
             replace_checkpoint_engine(self.runtime.engine, SnapshotCheckpointEngine)
         self.stopper = StopController(self.signals, self.cfg.checkpoint.end_time or facts.job_end_time,
                                       self.cfg.checkpoint.time_limit_margin_s, facts.is_main, self.runtime.device)
+        self.window_metrics = WindowMetrics(resolved, facts, self.runtime, self.metrics)
+        self._sync_mixture()
         self.loader = self._open_loader()
         self._resources.callback(lambda: self.loader.close())  # the loader of the moment (rollbacks renew it)
         self.evaluator = Evaluator(self.dataset.val, resolved.layout, facts.rank, self.cfg.train.eval_every,
                                    self.cfg.train.eval_batches)
         self.metrics.mark_restart(self.state.step)
-        self.window_metrics = WindowMetrics(resolved, facts, self.runtime, self.metrics)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -290,9 +292,33 @@ class Trainer:
         return verdict
 
     def _open_loader(self) -> BatchLoader:
+        """The loader from the cursor on (and, for a mixture, the schedule the training state holds)."""
+        read = None
+        if isinstance(self.dataset, MixedDataset):
+            segments = [Segment.from_dict(s) for s in self.state.mixture]
+            read = MixtureReader(self.dataset.sources, MixtureSchedule(segments, self.cfg.seed), self.cfg.seed)
+            self.window_metrics.mixture = MixtureProgress(self.dataset.names, [len(s) for s in self.dataset.sources],
+                                                          segments, self.cfg.seed, self.dataset.seq_len)
         return BatchLoader(self.dataset.train, self.resolved.layout, self.facts.rank, self.cfg.seed,
                            start_step=self.state.step, prefetch=self.cfg.data.prefetch,
-                           pin_memory=torch.cuda.is_available(), skipped=self.state.skipped_ranges)
+                           pin_memory=torch.cuda.is_available(), skipped=self.state.skipped_ranges, read=read)
+
+    def _sync_mixture(self) -> None:
+        """The mixture's segments in the training state: the checkpoint's, switched to the config's
+        weights (and window) at the cursor when they changed: a curriculum, recorded, never silent."""
+        data = self.cfg.data
+        if not data.sources:
+            return
+        weights = tuple(data.source_weights().values())
+        segments = [Segment.from_dict(s) for s in self.state.mixture]
+        if not segments:
+            segments = [Segment(0, weights, (0,) * len(weights), data.mixture_window)]
+        elif (segments[-1].weights, segments[-1].window) != (weights, data.mixture_window):
+            at = self.state.samples_seen
+            segments = MixtureSchedule(segments, self.cfg.seed).switched(weights, data.mixture_window, at).segments
+            self.metrics.incident(self.state.step, "mixture", at_sample=at, window=data.mixture_window,
+                                  weights=dict(zip(data.source_weights(), weights)))
+        self.state.mixture = [s.as_dict() for s in segments]
 
     def _roll_back(self) -> None:
         """Collective: back to the newest checkpoint saved before this streak of bad steps; the good steps
@@ -327,21 +353,23 @@ class Trainer:
         state.load_state_dict(kept)
         state.samples_seen = global_index(state.step * batch, state.skipped_ranges)
         state.last_rollback_to = state.step
+        self._sync_mixture()
         self.loader = self._open_loader()
         self.metrics.incident(bad_step, "rollback", to_step=state.step, lost_steps=bad_step - state.step,
                               skipped_samples=bad, checkpoint=str(target.path), lr_scale=state.lr_scale)
         self.metrics.mark_restart(state.step, redone_through=bad_step)
 
-    def _open_data(self) -> PackedDataset:
+    def _open_data(self) -> PackedDataset | MixedDataset:
         """Rank 0 prepares (or finds) the data first and shares any input error; then every rank opens it.
 
         Others prepare too if they do not see rank 0's files (no shared file system): writes are atomic.
         """
         vocab = self.resolved.shape.vocab_size
-        on_rank0_then_shared(self.facts.is_main, lambda: prepare_for_run(self.cfg, vocab))
-        prepared = prepare_for_run(self.cfg, vocab, progress=False)
+        on_rank0_then_shared(self.facts.is_main, lambda: prepare_run_sources(self.cfg, vocab))
+        prepared = prepare_run_sources(self.cfg, vocab, progress=False)
         # One checksum pass per node is enough: ranks of a node read the same files.
-        return PackedDataset(prepared, verify=self.cfg.data.verify if self.facts.local_rank == 0 else "size")
+        verify = self.cfg.data.verify if self.facts.local_rank == 0 else "size"
+        return MixedDataset(prepared, verify) if self.cfg.data.sources else PackedDataset(prepared[0][1], verify)
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:

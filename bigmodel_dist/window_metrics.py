@@ -6,6 +6,7 @@ figures are reduced or gathered); rank 0's `MetricsLogger` writes the result.
 
 from __future__ import annotations
 
+import logging
 import resource
 import socket
 import statistics
@@ -15,12 +16,15 @@ from typing import Any
 import torch
 
 from bigmodel_dist.config.validate import ResolvedRun
+from bigmodel_dist.data.mixture import MixtureProgress
 from bigmodel_dist.distributed import DistributedFacts
 from bigmodel_dist.metrics import MetricsLogger, device_peak_tflops
 from bigmodel_dist.model_presets import flops_per_token
 from bigmodel_dist.resilience import ComputeTimer, StragglerTracker
 from bigmodel_dist.runtime import Runtime
 from bigmodel_dist.train_state import TrainState
+
+log = logging.getLogger(__name__)
 
 
 class LogWindow:
@@ -47,6 +51,7 @@ class WindowMetrics:
         self.resilience = resolved.config.resilience
         self.stragglers = StragglerTracker(self.resilience)
         self._hosts: list[str] = []  # every rank's host, gathered at the first log
+        self.mixture: MixtureProgress | None = None  # per-source figures of a data mixture
         self._flops_per_step = flops_per_token(resolved.shape, resolved.config.data.seq_len) * resolved.tokens_per_step
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self._peak_flops = (device_peak_tflops(resolved.config.logging, device_name) or 0.0) * 1e12
@@ -77,6 +82,11 @@ class WindowMetrics:
         })
         if self._peak_flops:
             metrics["mfu"] = self._flops_per_step / step_time / (self._peak_flops * self.facts.world_size)
+        if self.mixture is not None:
+            per_source, news = self.mixture.figures(state.samples_seen)
+            metrics.update(per_source)
+            for line in news if self.facts.is_main else []:
+                log.info("%s", line)
         return metrics
 
     def _per_rank_figures(self, compute_s: float, step: int) -> dict[str, object]:

@@ -231,11 +231,12 @@ def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.out:
         overrides = [*overrides, f"--data.prepared_dir={args.out}"]
     resolved = resolve_run(load_config(args.config, overrides), world_size=1)
-    prepared = prepare_for(resolved)
     from bigmodel_dist.data.dataset import PackedDataset
 
-    data = PackedDataset(prepared, verify="checksum")  # prepare doubles as the check of existing data
-    print(f"{prepared}: {len(data.train)} train + {len(data.val)} val sequences of {data.seq_len} tokens")
+    for name, prepared in prepare_for(resolved):
+        data = PackedDataset(prepared, verify="checksum")  # prepare doubles as the check of existing data
+        source = f"source {name}: " if resolved.config.data.sources else ""
+        print(f"{source}{prepared}: {len(data.train)} train + {len(data.val)} val sequences of {data.seq_len} tokens")
     return 0
 
 

@@ -20,8 +20,9 @@ def resume_override(args: argparse.Namespace) -> list[str]:
     return [f"--checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
 
 
-def prepare_for(resolved: ResolvedRun) -> Path:
-    """Prepare the run's data in this process (progress bar here, errors before any process group)."""
-    from bigmodel_dist.data.prepare import prepare_for_run
+def prepare_for(resolved: ResolvedRun) -> list[tuple[str, Path]]:
+    """Prepare the run's data in this process (progress bar here, errors before any process group):
+    (source name, prepared folder) of every source."""
+    from bigmodel_dist.data.mixture_sources import prepare_run_sources
 
-    return prepare_for_run(resolved.config, resolved.shape.vocab_size)
+    return prepare_run_sources(resolved.config, resolved.shape.vocab_size)

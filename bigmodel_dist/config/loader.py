@@ -111,6 +111,11 @@ def _coerce(annotation: Any, value: Any, path: str) -> Any:
             return None
         (inner,) = [t for t in options if t is not type(None)]
         return _coerce(inner, value, path)
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a mapping, got {value!r}")
+        return {_coerce(key_type, k, path): _coerce(value_type, v, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         items = value if isinstance(value, list) else [value] if isinstance(value, str) else None

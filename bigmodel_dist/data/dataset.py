@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +49,36 @@ def _open_shard(path: Path, info: dict, dtype: np.dtype, seq_len: int, verify: s
     return np.memmap(path, dtype=dtype, mode="r", shape=(info["num_sequences"], seq_len))
 
 
+class MixedDataset:
+    """The prepared sources of a mixture: `sources[k]` is source k's training split, `val` every
+    source's validation split together; one tokenizer for all (checked)."""
+
+    def __init__(self, prepared: list[tuple[str, Path]], verify: str = "checksum"):
+        self.names = [name for name, _ in prepared]
+        self.parts = [PackedDataset(path, verify=verify) for _, path in prepared]
+        fingerprints = {part.meta["tokenizer_fingerprint"] for part in self.parts}
+        if len(fingerprints) > 1:
+            raise UserInputError(f"data.sources: {', '.join(str(p.path) for p in self.parts)} were tokenized with "
+                                 "different tokenizers; prepare them again with one (data.tokenizer)")
+        seq_lens = {part.seq_len for part in self.parts}
+        if len(seq_lens) > 1:
+            raise UserInputError(f"data.sources: prepared with different sequence lengths {sorted(seq_lens)}")
+        for name, part in zip(self.names, self.parts):
+            if len(part.train) == 0:
+                raise UserInputError(f"data.sources {name}: {part.path} holds no training sequence; add text to it")
+        self.sources = [part.train for part in self.parts]
+        self.train = _Concatenated(self.sources)  # for counting only: sampling goes through the mixture
+        self.val = _Concatenated([part.val for part in self.parts])
+        self.seq_len = self.parts[0].seq_len
+
+    def tokenizer(self):
+        return self.parts[0].tokenizer()
+
+
 class _Concatenated:
     """Row-indexing over several arrays as if they were one."""
 
-    def __init__(self, parts: list[np.ndarray]):
+    def __init__(self, parts: Sequence[np.ndarray | _Concatenated]):
         self._parts = [p for p in parts if len(p)]
         self._ends = np.cumsum([len(p) for p in self._parts])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,14 @@ from bigmodel_dist.data.sampler import ShuffledOrder, micro_batch_indices
 
 def micro_batch(rows, order: ShuffledOrder, layout: BatchLayout, step: int, micro_step: int, rank: int,
                 skipped: Sequence[Sequence[int]] = ()) -> np.ndarray:
+    return read_micro_batch(lambda i: rows[order[i]], layout, step, micro_step, rank, skipped)
+
+
+def read_micro_batch(read: Callable[[int], np.ndarray], layout: BatchLayout, step: int, micro_step: int, rank: int,
+                     skipped: Sequence[Sequence[int]] = ()) -> np.ndarray:
+    """One micro-batch; `read(g)`: the sequence global sample `g` is (a shuffled pool, or a mixture)."""
     indices = micro_batch_indices(layout, step, micro_step, rank, skipped)
-    return np.stack([rows[order[i]] for i in indices]).astype(np.int64)
+    return np.stack([read(i) for i in indices]).astype(np.int64)
 
 
 class BatchLoader:
@@ -28,10 +34,16 @@ class BatchLoader:
     `skipped`: the [start, end) ranges of global samples that rollbacks passed over."""
 
     def __init__(self, rows, layout: BatchLayout, rank: int, seed: int, start_step: int = 0,
-                 prefetch: int = 4, pin_memory: bool = False, skipped: Sequence[Sequence[int]] = ()):
-        self._rows, self._layout, self._rank = rows, layout, rank
+                 prefetch: int = 4, pin_memory: bool = False, skipped: Sequence[Sequence[int]] = (),
+                 read: Callable[[int], np.ndarray] | None = None):
+        """`rows`: one pool of sequences, read in a seeded per-epoch order; or `read(g)` gives global
+        sample g's sequence (a mixture of sources) and `rows` is not used."""
+        self._layout, self._rank = layout, rank
         self.skipped = [list(r) for r in skipped]
-        self._order = ShuffledOrder(len(rows), seed)
+        if read is None:
+            order = ShuffledOrder(len(rows), seed)
+            read = lambda i: rows[order[i]]  # noqa: E731
+        self._read = read
         self._pin = pin_memory
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -48,8 +60,8 @@ class BatchLoader:
     def _fill(self, start_step: int) -> None:
         try:
             for step, micro_step in self._positions(start_step):
-                batch = torch.from_numpy(micro_batch(self._rows, self._order, self._layout, step, micro_step, self._rank,
-                                                       self.skipped))
+                batch = torch.from_numpy(read_micro_batch(self._read, self._layout, step, micro_step, self._rank,
+                                                          self.skipped))
                 item = (step, micro_step, batch.pin_memory() if self._pin else batch)
                 while not self._stop.is_set():
                     try:

@@ -1,0 +1,138 @@
+"""Weighted mixtures of sources: exact proportions over every window, each source in its own order,
+resume exact on any world size, curricula recorded, a source that runs out repeats, bad weights refused."""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+from collections import Counter
+
+import pytest
+
+from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta, step_dir_name
+from bigmodel_dist.data.mixture import MixtureReader, MixtureSchedule, Segment, apportion
+from bigmodel_dist.data.sampler import ShuffledOrder
+from bigmodel_dist.metrics_file import read_metrics
+
+from .cli import TINY_CONFIG, assert_one_line_error, run_cli
+from .conftest import TINY
+from .spawn import run_distributed
+from .workers import train_and_collect
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+GLOBAL_BATCH = 8  # TINY's
+
+
+def test_apportion_is_exact_and_largest_remainder():
+    assert apportion(1000, [0.5, 0.2, 0.3]) == [500, 200, 300]
+    assert apportion(10, [1, 1, 1]) == [4, 3, 3]  # the remainder goes to the earlier source on a tie
+    assert apportion(7, [0.0, 2.0, 5.0]) == [0, 2, 5]
+
+
+def test_every_window_holds_exactly_each_sources_share_in_its_own_order():
+    schedule = MixtureSchedule([Segment(0, (0.5, 0.2, 0.3), (0, 0, 0), 10)], seed=3)
+    located = [schedule.locate(g) for g in range(200)]
+    for w in range(20):
+        counts = Counter(source for source, _ in located[w * 10:(w + 1) * 10])
+        assert counts == {0: 5, 1: 2, 2: 3}
+    for source in range(3):  # each source reads its samples 0, 1, 2, ... once each, in schedule order
+        assert [n for s, n in located if s == source] == list(range(sum(1 for s, _ in located if s == source)))
+    assert schedule.consumed_at(137) == [sum(1 for s, _ in located[:137] if s == k) for k in range(3)]
+    assert located[:10] != [schedule.locate(g) for g in range(10, 20)]  # windows are permuted differently
+
+
+def test_new_weights_continue_each_source_where_it_stood():
+    schedule = MixtureSchedule([Segment(0, (0.5, 0.5), (0, 0), 4)], seed=1)
+    switched = schedule.switched((0.25, 0.75), 8, at=10)
+    assert [switched.locate(g) for g in range(10)] == [schedule.locate(g) for g in range(10)]  # the past stays
+    after = [switched.locate(g) for g in range(10, 50)]
+    before = schedule.consumed_at(10)
+    for source in range(2):
+        assert [n for s, n in after if s == source][:3] == [before[source] + i for i in range(3)]
+    assert Counter(s for s, _ in after) == {0: 10, 1: 30}
+
+
+def test_a_one_source_mixture_reads_what_the_single_pool_reads():
+    rows = [[i] for i in range(17)]
+    reader = MixtureReader([rows], MixtureSchedule([Segment(0, (1.0,), (0,), 10)], seed=5), seed=5)
+    order = ShuffledOrder(17, 5)
+    assert [reader(g)[0] for g in range(60)] == [rows[order[g]][0] for g in range(60)]
+
+
+def _mixture(*weights: float, small: bool = False) -> str:
+    names = ("email", "json", "tiny" if small else "asyncio")
+    paths = (f"{STDLIB}/email", f"{STDLIB}/json", f"{STDLIB}/json/tool.py" if small else f"{STDLIB}/asyncio")
+    items = ", ".join(f"{{name: {n}, paths: [{p}], weight: {w}}}" for n, p, w in zip(names, paths, weights))
+    return f"--data.sources=[{items}]"
+
+
+def _run(tmp_path, data_cache, *extra: str) -> list[str]:
+    return [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=mix", "--train.eval_every=0",
+            "--data.mixture_window=8", "--train.max_steps=6", "--logging.wandb_mode=disabled", "--model.dropout=0.0",
+            "--train.precision=fp32", *extra]
+
+
+def _state(tmp_path, step: int) -> dict:
+    meta, problem = read_checkpoint_meta(tmp_path / "mix" / "checkpoints" / step_dir_name(step))
+    assert problem is None, problem
+    return meta["train_state"]
+
+
+def _tokens(tmp_path) -> dict[str, list[float]]:
+    history = read_metrics(tmp_path / "mix" / "metrics.jsonl")
+    return {name: history.series(f"data/{name}/tokens_seen")[1] for name in ("email", "json", "asyncio")}
+
+
+def test_a_three_source_mixture_resumes_exactly_and_on_another_world_size(tmp_path, data_cache):
+    mixture = _mixture(0.5, 0.25, 0.25)
+    straight_dir, resumed_dir, reshaped_dir = tmp_path / "straight", tmp_path / "resumed", tmp_path / "reshaped"
+    straight, _ = run_distributed(train_and_collect, 2, _run(straight_dir, data_cache, mixture, "--checkpoint.every=3"))
+    tokens = _tokens(straight_dir)
+    # 6 steps x 8 sequences, windows of 8: 4 + 2 + 2 per window, exactly, at every log step
+    assert [tokens[name][-1] for name in ("email", "json", "asyncio")] == [24 * 128, 12 * 128, 12 * 128]
+    for name, share in (("email", 4), ("json", 2), ("asyncio", 2)):
+        assert tokens[name] == [step * share * 128 for step in range(1, 7)], tokens
+
+    budget = f"--train.max_tokens={3 * GLOBAL_BATCH * 128}"
+    run_distributed(train_and_collect, 2, _run(resumed_dir, data_cache, mixture, "--checkpoint.every=0", budget))
+    resumed, _ = run_distributed(train_and_collect, 2, _run(resumed_dir, data_cache, mixture, "--checkpoint.every=0"))
+    assert resumed["losses"] == straight["losses"][3:]  # bit-exact
+    run_distributed(train_and_collect, 2, _run(reshaped_dir, data_cache, mixture, "--checkpoint.every=0", budget))
+    (reshaped,) = run_distributed(train_and_collect, 1, _run(reshaped_dir, data_cache, mixture, "--checkpoint.every=0"))
+    # dropout off: only the order of floating-point reductions changes with the world size
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(reshaped["losses"], straight["losses"][3:]))
+    assert _tokens(reshaped_dir) == _tokens(resumed_dir) == tokens  # the same samples of each source
+    assert _state(reshaped_dir, 6)["mixture"] == _state(straight_dir, 6)["mixture"]
+
+
+def test_changed_weights_on_resume_are_a_recorded_curriculum(tmp_path, data_cache):
+    run_distributed(train_and_collect, 2, _run(tmp_path, data_cache, _mixture(0.5, 0.25, 0.25),
+                                               f"--train.max_tokens={3 * GLOBAL_BATCH * 128}"))
+    run_distributed(train_and_collect, 2, _run(tmp_path, data_cache, _mixture(0.5, 0.25, 0.25),
+                                               "--data.weights.email=0", "--data.weights.json=1"))
+    (incident,) = read_metrics(tmp_path / "mix" / "metrics.jsonl").incidents
+    assert incident["event"] == "mixture" and incident["at_sample"] == 24 and incident["step"] == 3
+    segments = _state(tmp_path, 6)["mixture"]
+    assert [s["start"] for s in segments] == [0, 24] and segments[1]["consumed"] == [12, 6, 6]
+    tokens = _tokens(tmp_path)
+    assert tokens["email"][-1] == 12 * 128  # no more email after the switch
+    assert tokens["json"][-1] + tokens["asyncio"][-1] == 36 * 128
+
+
+def test_a_source_that_runs_out_begins_a_new_epoch_and_says_so(tmp_path, data_cache, cli_env):
+    result = run_cli(["train", TINY_CONFIG, *_run(tmp_path, data_cache, _mixture(0.25, 0.25, 0.5, small=True),
+                                                  "--data.val_fraction=0.4")], env=cli_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "source tiny ran out of sequences and began epoch 2" in result.stderr
+    assert read_metrics(tmp_path / "mix" / "metrics.jsonl").series("data/tiny/epoch")[1][-1] >= 1
+
+
+@pytest.mark.parametrize("override, field", [
+    (_mixture(0.5, -1, 0.5), "data.sources[1].weight"),
+    (_mixture(0, 0, 0), "data.sources"),
+    ("--data.weights.nope=1", "data.weights.nope"),
+])
+def test_bad_weights_are_one_line_errors(tmp_path, cli_env, override, field):
+    overrides = [override] if override.startswith("--data.sources") else [_mixture(0.5, 0.25, 0.25), override]
+    result = run_cli(["validate", TINY_CONFIG, f"--output_dir={tmp_path}", *overrides], env=cli_env)
+    assert_one_line_error(result, field)
