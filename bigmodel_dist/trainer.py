@@ -394,6 +394,7 @@ class Trainer:
             "world_size": self.facts.world_size,
             "zero_stage": r.zero_stage,
             "precision": self.cfg.train.precision,
+            "tokenizer_vocab_size": len(self.tokenizer),
             "model": {"preset": self.cfg.model.preset, "vocab_size": r.shape.vocab_size,
                       "num_parameters": r.num_parameters},
             "config": to_dict(self.cfg),
@@ -452,6 +453,8 @@ class Trainer:
             layout.global_batch_size, layout.micro_batch_size, layout.grad_accum_steps, layout.data_parallel_size,
             r.tokens_per_step, len(self.dataset.train), self.cfg.data.seq_len, self.run_dir,
         )
+        log.info("vocabulary: tokenizer %d tokens, model %d rows (a multiple of model.vocab_multiple=%d)",
+                 len(self.tokenizer), r.shape.vocab_size, self.cfg.model.vocab_multiple)
 
     # ---- the end ------------------------------------------------------------------------------------
     def _finish(self) -> None:

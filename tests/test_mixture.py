@@ -136,3 +136,14 @@ def test_bad_weights_are_one_line_errors(tmp_path, cli_env, override, field):
     overrides = [override] if override.startswith("--data.sources") else [_mixture(0.5, 0.25, 0.25), override]
     result = run_cli(["validate", TINY_CONFIG, f"--output_dir={tmp_path}", *overrides], env=cli_env)
     assert_one_line_error(result, field)
+
+
+@pytest.mark.parametrize("multiple, expected", [(64, 1024), (128, 1024), (1, 1000)])
+def test_the_model_vocabulary_is_padded_to_the_configured_multiple(tmp_path, multiple, expected):
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.config.validate import resolve_run
+
+    cfg = load_config(TINY_CONFIG, [f"--output_dir={tmp_path}", "--model.vocab_size=1000",
+                                    f"--model.vocab_multiple={multiple}"])
+    resolved = resolve_run(cfg, 2)
+    assert resolved.shape.vocab_size == resolved.config.model.vocab_size == expected

@@ -25,7 +25,11 @@ class ModelConfig:
     preset: str = "gpt2-tiny"
     """Architecture preset (see `bigmodel_dist/model_presets.py`): gpt2-tiny, gpt2-124m, ..., llama-7b."""
     vocab_size: int | None = None
-    """Overrides the preset's vocabulary size; must hold every id the tokenizer produces."""
+    """Overrides the preset's vocabulary size; must hold every id the tokenizer produces. Rounded up to a
+    multiple of `vocab_multiple` (the presets' sizes already are)."""
+    vocab_multiple: int = 64
+    """The model's vocabulary (embedding rows) is padded to a multiple of this for tensor-core-friendly
+    matmuls (64 or 128); 1 keeps `vocab_size` as given. The padded size is what checkpoints record."""
     dropout: float | None = None
     """Overrides the preset's dropout (attention, residual, embedding) when set."""
     activation_checkpointing: bool = False
@@ -36,6 +40,7 @@ class ModelConfig:
 
         if self.preset not in MODEL_PRESETS:
             raise ConfigError("model.preset", f"unknown preset {self.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+        _require_positive("model", vocab_multiple=self.vocab_multiple)
         if self.vocab_size is not None:
             _require_positive("model", vocab_size=self.vocab_size)
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:

@@ -65,6 +65,9 @@ def resolve_run(cfg: Config, world_size: int, device: DeviceInfo | None = None) 
     device = device or detect_device()
     precision, precision_reason = choose_precision(cfg.train.precision, device)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+    if cfg.model.vocab_size is not None:  # padded here, so the model, checks and checkpoints all see one size
+        padded = -(-cfg.model.vocab_size // cfg.model.vocab_multiple) * cfg.model.vocab_multiple
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=padded))
     layout = derive_batch_layout(cfg.train, world_size)
     shape = model_shape(cfg.model.preset, cfg.model.vocab_size)
     if cfg.data.seq_len > shape.max_positions:
