@@ -147,3 +147,26 @@ def test_the_model_vocabulary_is_padded_to_the_configured_multiple(tmp_path, mul
                                     f"--model.vocab_multiple={multiple}"])
     resolved = resolve_run(cfg, 2)
     assert resolved.shape.vocab_size == resolved.config.model.vocab_size == expected
+
+
+def test_local_datasets_sources_are_read_with_the_datasets_api(tmp_path, data_cache, cli_env):
+    """A `save_to_disk` folder (load_from_disk), an .arrow file and a .jsonl file (load_dataset), each a
+    source of one mixture, made here with `datasets` itself."""
+    import datasets
+
+    texts = [open(f"{STDLIB}/{name}").read() for name in ("json/decoder.py", "json/encoder.py", "email/utils.py",
+                                                          "email/header.py", "email/message.py")]
+    table = datasets.Dataset.from_dict({"content": texts * 4, "id": list(range(20))})
+    table.save_to_disk(str(tmp_path / "saved"))
+    (arrow_file,) = (tmp_path / "saved").glob("*.arrow")
+    (tmp_path / "rows.jsonl").write_text("".join(f'{{"content": {json_text}}}\n' for json_text in
+                                                 map(__import__("json").dumps, texts * 4)))
+    items = ", ".join(f"{{name: {n}, paths: [{p}], weight: 1, text_column: content}}" for n, p in
+                      (("saved", tmp_path / "saved"), ("arrow", arrow_file), ("rows", tmp_path / "rows.jsonl")))
+    result = run_cli(["prepare", TINY_CONFIG, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+                      f"--data.sources=[{items}]", "--data.val_fraction=0.1"], env=cli_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("source ")]
+    assert [line.split(":")[0] for line in lines] == ["source saved", "source arrow", "source rows"]
+    counts = [int(line.split(": ")[-1].split(" train")[0]) for line in lines]
+    assert counts[0] == counts[1] > 0 and counts[2] > 0  # the folder and its own arrow file: the same rows

@@ -85,7 +85,8 @@ class DataConfig:
     """A `datasets` hub name to read instead of `paths` (needs network or a local HF cache)."""
     text_column: str = "text"
     """Field holding the document text in .jsonl / .parquet rows and hub datasets."""
-    extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".rst", ".py", ".jsonl", ".parquet"])
+    extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".rst", ".py", ".jsonl", ".parquet",
+                                                           ".arrow"])
     """Suffixes of files read from folders: text-like ones are one document each, .jsonl/.json/.parquet
     one per row. The python-stdlib corpus reads only text-like files."""
     max_bytes: int = 0

@@ -1,8 +1,11 @@
 """Input corpora as a `datasets.Dataset` with one `text` column, checked file by file first.
 
-Inputs: text-like files (each file one document: .txt .py .md .rst), JSON lines and Parquet (one
-document per row, `data.text_column`), folders of those, this interpreter's standard library
-("python-stdlib", a real corpus present everywhere), or a `datasets` name for the hub.
+Inputs: text-like files (each file one document: .txt .py .md .rst), JSON lines, Parquet and Arrow
+(one document per row, `data.text_column`), folders of those, folders a `datasets` Dataset was saved to
+(`save_to_disk`: read with `load_from_disk`), this interpreter's standard library ("python-stdlib", a
+real corpus present everywhere), or a `datasets` name for the hub. Tables are read through the
+`datasets` builders (`load_dataset("json"/"parquet"/"arrow", data_files=...)`): memory-mapped Arrow,
+never all in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ from bigmodel_dist.config.schema import DataConfig
 from bigmodel_dist.errors import UserInputError
 
 PYTHON_STDLIB = "python-stdlib"
-TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` leaves in its folder
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS)
 
 
 def input_files(data_cfg: DataConfig) -> list[Path]:
@@ -28,7 +36,9 @@ def input_files(data_cfg: DataConfig) -> list[Path]:
         if entry == PYTHON_STDLIB:  # its .json files are test fixtures, not corpora
             wanted -= set(TABLE_SUFFIXES)
         root = Path(sysconfig.get_paths()["stdlib"]) if entry == PYTHON_STDLIB else Path(entry)
-        if root.is_file():
+        if is_saved_dataset(root):
+            files.append(root)  # one entry: `load_from_disk` reads the folder
+        elif root.is_file():
             if root.stat().st_size == 0:
                 raise UserInputError(f"data.paths[{i}] {entry}: is empty; remove it from data.paths")
             files.append(root)
@@ -56,7 +66,9 @@ def _walk(root: Path) -> list[Path]:
 def check_input_files(files: list[Path], data_cfg: DataConfig) -> None:
     """Fail on the first unreadable table file, naming it (before any process starts)."""
     for path in files:
-        if path.suffix == ".parquet":
+        if is_saved_dataset(path):
+            _check_saved_dataset(path, data_cfg.text_column)
+        elif path.suffix == ".parquet":
             _check_parquet(path, data_cfg.text_column)
         elif path.suffix in (".jsonl", ".json"):
             _check_jsonl(path, data_cfg.text_column)
@@ -71,6 +83,28 @@ def _check_jsonl(path: Path, column: str) -> None:
         raise UserInputError(f"input file {path}: line 1 is not JSON; give one JSON object per line") from None
     if not isinstance(row, dict) or column not in row:
         raise UserInputError(f"input file {path}: line 1 has no {column!r} field; set data.text_column")
+
+
+def _check_saved_dataset(path: Path, column: str) -> None:
+    try:
+        columns = _load_saved(path).column_names
+    except Exception as exc:  # datasets raises several types for broken folders
+        raise UserInputError(f"input folder {path}: not a readable `datasets` folder ({type(exc).__name__}); "
+                             "save it again with save_to_disk") from None
+    if column not in columns:
+        raise UserInputError(f"input folder {path}: no column {column!r} (has {columns}); set data.text_column")
+
+
+def _load_saved(path: Path):
+    """A `save_to_disk` folder's Dataset (the train split of a DatasetDict)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise UserInputError(f"input folder {path}: a DatasetDict without a train split (has {list(loaded)})")
+        loaded = loaded["train"]
+    return loaded
 
 
 def _check_parquet(path: Path, column: str) -> None:
@@ -88,8 +122,9 @@ def source_fingerprint(files: list[Path], data_cfg: DataConfig) -> str:
     """Changes when a file, its size or mtime, the byte cap or the text column changes."""
     digest = hashlib.sha256(json.dumps([data_cfg.max_bytes, data_cfg.text_column, data_cfg.dataset]).encode())
     for path in files:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        for member in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            stat = member.stat()
+            digest.update(f"{member.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -103,12 +138,17 @@ def load_text_dataset(data_cfg: DataConfig, files: list[Path], cache_dir: Path, 
         dataset = _text_only(dataset, data_cfg.text_column)
     else:
         parts = []
-        text_files = [str(p) for p in files if p.suffix not in TABLE_SUFFIXES]
+        for folder in (p for p in files if is_saved_dataset(p)):
+            saved = _load_saved(folder)
+            if data_cfg.text_column not in saved.column_names:
+                raise UserInputError(f"input folder {folder}: no {data_cfg.text_column!r} column; set data.text_column")
+            parts.append(_text_only(saved, data_cfg.text_column))
+        text_files = [str(p) for p in files if p.suffix not in TABLE_SUFFIXES and not is_saved_dataset(p)]
         if text_files:
             parts.append(datasets.Dataset.from_generator(
                 _read_documents, gen_kwargs={"paths": text_files, "source_fp": source_fp, "max_bytes": data_cfg.max_bytes}, cache_dir=str(cache_dir / "hf"),
                 features=datasets.Features({"text": datasets.Value("string")})))
-        for builder in ("json", "parquet"):
+        for builder in ("json", "parquet", "arrow"):
             table_files = [str(p) for p in files if TABLE_SUFFIXES.get(p.suffix) == builder]
             if table_files:
                 try:
