@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 
 from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta, step_dir_name
-from bigmodel_dist.data.mixture import MixtureReader, MixtureSchedule, Segment, apportion
+from bigmodel_dist.data.mixture import MixtureReader, MixtureSchedule, Segment
+from bigmodel_dist.data.quotas import apportion
 from bigmodel_dist.data.sampler import ShuffledOrder
 from bigmodel_dist.metrics_file import read_metrics
 

@@ -161,7 +161,7 @@ class DataConfig:
 
     def mixture_quotas(self) -> dict[str, int]:
         """Sequences per window by source (largest remainder; ties to the earlier source)."""
-        from bigmodel_dist.data.mixture import apportion
+        from bigmodel_dist.data.quotas import apportion
 
         weights = self.source_weights()
         return dict(zip(weights, apportion(self.mixture_window, list(weights.values())))) if any(weights.values()) \
