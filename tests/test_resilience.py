@@ -93,9 +93,19 @@ POISONED_RUN = ["--train.max_steps=10", "--checkpoint.every=4", "--resilience.ma
                 "--logging.wandb_mode=offline"]
 
 
-def test_a_poisoned_batch_is_skipped_then_rolled_back_past_exactly(tmp_path, data_cache, cli_env):
-    straight = _launch(tmp_path / "a", data_cache, _faulty(cli_env, POISON), *POISONED_RUN)
-    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
+def _train(out, data_cache, monkeypatch, faults: str | None, *overrides: str, world_size: int = 2) -> None:
+    """A run on forked ranks (tests/spawn.py), with `faults` injected or none."""
+    if faults:
+        monkeypatch.setenv(FAULTS_ENV, faults)
+        monkeypatch.setenv(ALLOW_ENV, "1")
+    else:
+        monkeypatch.delenv(FAULTS_ENV, raising=False)
+    run_distributed(train_and_collect, world_size, [*TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache}",
+                                                    "--train.eval_every=0", *overrides])
+
+
+def test_a_poisoned_batch_is_skipped_then_rolled_back_past_exactly(tmp_path, data_cache, cli_env, monkeypatch):
+    _train(tmp_path / "a", data_cache, monkeypatch, POISON, *POISONED_RUN)
     run_a = tmp_path / "a" / "gpt2-tiny"
     history = read_metrics(run_a / "metrics.jsonl")
     assert [i["event"] for i in history.incidents] == ["skip", "skip", "skip", "rollback"]
@@ -114,22 +124,18 @@ def test_a_poisoned_batch_is_skipped_then_rolled_back_past_exactly(tmp_path, dat
 
     # The same poisoned data, stopped after step 8 (a token budget) and resumed: the same recovery,
     # and the resume after the rollback continues bit-exactly.
-    first = _launch(tmp_path / "b", data_cache, _faulty(cli_env, POISON), *POISONED_RUN,
-                    f"--train.max_tokens={8 * GLOBAL_BATCH * 128}")
-    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    resumed = _launch(tmp_path / "b", data_cache, cli_env, *POISONED_RUN)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    _train(tmp_path / "b", data_cache, monkeypatch, POISON, *POISONED_RUN, f"--train.max_tokens={8 * GLOBAL_BATCH * 128}")
+    _train(tmp_path / "b", data_cache, monkeypatch, None, *POISONED_RUN)
     run_b = tmp_path / "b" / "gpt2-tiny"
     assert losses(run_b) == finals
     assert _comparable(_final_train_state(run_b, 10)) == _comparable(state)
 
 
 @pytest.mark.parametrize("precision", ["bf16"])
-def test_a_loss_spike_is_skipped_and_rolled_back_in_bf16(tmp_path, data_cache, cli_env, precision):
+def test_a_loss_spike_is_skipped_and_rolled_back_in_bf16(tmp_path, data_cache, monkeypatch, precision):
     spike = f"spike:samples={5 * GLOBAL_BATCH}-{7 * GLOBAL_BATCH},scale=50"  # steps 6 and 7
-    result = _launch(tmp_path, data_cache, _faulty(cli_env, spike), "--train.max_steps=9", "--checkpoint.every=4",
-                     f"--train.precision={precision}", "--resilience.max_bad_steps=2", "--resilience.spike_window=10")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    _train(tmp_path, data_cache, monkeypatch, spike, "--train.max_steps=9", "--checkpoint.every=4",
+           f"--train.precision={precision}", "--resilience.max_bad_steps=2", "--resilience.spike_window=10")
     run_dir = tmp_path / "gpt2-tiny"
     incidents = read_metrics(run_dir / "metrics.jsonl").incidents
     assert [i["event"] for i in incidents] == ["skip", "skip", "rollback"]
@@ -140,14 +146,12 @@ def test_a_loss_spike_is_skipped_and_rolled_back_in_bf16(tmp_path, data_cache, c
     assert _final_train_state(run_dir, 9)["rollbacks"] == 1
 
 
-def test_a_slow_rank_is_reported_as_a_straggler_by_rank_and_host(tmp_path, data_cache, cli_env):
-    result = _launch(tmp_path, data_cache, _faulty(cli_env, "slow:rank=1,seconds=0.5"), "--train.max_steps=4",
-                     "--checkpoint.every=0", "--resilience.straggler_intervals=2", "--resilience.straggler_factor=1.5")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+def test_a_slow_rank_is_reported_as_a_straggler_by_rank_and_host(tmp_path, data_cache, monkeypatch):
+    _train(tmp_path, data_cache, monkeypatch, "slow:rank=1,seconds=0.5", "--train.max_steps=4", "--checkpoint.every=0",
+           "--resilience.straggler_intervals=2", "--resilience.straggler_factor=1.5")
     (incident,) = read_metrics(tmp_path / "gpt2-tiny" / "metrics.jsonl").incidents
     assert incident["event"] == "straggler" and incident["rank"] == 1 and incident["host"]
     assert incident["step"] == 2 and incident["compute_s"] > 1.5 * incident["others_median_s"]
-    assert "straggler at step 2" in result.stderr
 
 
 @pytest.mark.parametrize("env, needle", [
