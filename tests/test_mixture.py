@@ -171,3 +171,9 @@ def test_local_datasets_sources_are_read_with_the_datasets_api(tmp_path, data_ca
     assert [line.split(":")[0] for line in lines] == ["source saved", "source arrow", "source rows"]
     counts = [int(line.split(": ")[-1].split(" train")[0]) for line in lines]
     assert counts[0] == counts[1] > 0 and counts[2] > 0  # the folder and its own arrow file: the same rows
+
+
+def test_a_missing_source_is_named_by_its_field(tmp_path, cli_env):
+    items = f"{{name: code, paths: [{STDLIB}/json], weight: 1}}, {{name: gone, paths: [{tmp_path}/nothing], weight: 1}}"
+    result = run_cli(["validate", TINY_CONFIG, f"--output_dir={tmp_path}", f"--data.sources=[{items}]"], env=cli_env)
+    assert_one_line_error(result, "data.sources[1] (gone)", "does not exist")

@@ -21,7 +21,7 @@ from bigmodel_dist.config.deepspeed import (
 )
 from bigmodel_dist.config.layout import BatchLayout, derive_batch_layout
 from bigmodel_dist.config.schema import Config
-from bigmodel_dist.errors import ConfigError
+from bigmodel_dist.errors import ConfigError, UserInputError
 from bigmodel_dist.model_presets import ModelShape, count_parameters, model_shape
 from bigmodel_dist.precision import DeviceInfo, choose_precision, detect_device
 
@@ -119,12 +119,29 @@ def _check_data_paths(cfg: Config) -> None:
     from bigmodel_dist.data.sources import check_input_files, input_files
 
     prepared = cfg.data.prepared_dir
-    if not cfg.data.dataset and not (prepared and Path(prepared, "meta.json").is_file()):
+    if cfg.data.sources:
+        _check_source_paths(cfg)
+    elif not cfg.data.dataset and not (prepared and Path(prepared, "meta.json").is_file()):
         check_input_files(input_files(cfg.data), cfg.data)  # prepared data is checked when it is opened
     if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer, "tokenizer.json").is_file():
         raise ConfigError(
             "data.tokenizer", f"{cfg.data.tokenizer} holds no tokenizer.json; give a saved fast tokenizer folder or null"
         )
+
+
+def _check_source_paths(cfg: Config) -> None:
+    """Every mixture source's files, each error naming its `data.sources[i]` field."""
+    from bigmodel_dist.data.mixture_sources import source_data_config
+    from bigmodel_dist.data.sources import check_input_files, input_files
+
+    for i, source in enumerate(cfg.data.sources):
+        if source.dataset:
+            continue
+        source_cfg = source_data_config(cfg.data, source, None)
+        try:
+            check_input_files(input_files(source_cfg), source_cfg)
+        except UserInputError as exc:
+            raise UserInputError(f"data.sources[{i}] ({source.name}): {str(exc).replace('data.paths', 'paths')}") from None
 
 
 def _check_writable(path: Path, field: str) -> None:
