@@ -6,8 +6,15 @@
    Goal >= 1.5.
 3. Loader supply (samples/s for one rank, prefetch thread) ÷ the trainer's consumption per rank on the
    tiny model (from a real 2-rank run). Goal >= 50.
+4. `bigmodel prepare --on ray` tokens/s ÷ `bigmodel prepare` here, both whole commands on the same
+   corpus (stdlib source copied to --cluster-mbytes, default 6 x --mbytes, in --cluster-shards shards),
+   tokenizer and cores: a local Ray head of 2 CPUs (the test suite's, loopback only; needs root, and no
+   test suite running, whose Ray head it would replace) runs one 1-CPU task per shard. Goal >= 0.9.
+   The serial part (start-up, planning, which reads the corpus once into the `datasets` cache, and
+   finalize) and the parallel part (the shard tasks) are timed apart, so the row also says what N
+   machines would give: serial + tasks / N (Amdahl), as long as the shared storage keeps up.
 
-    python -m benchmarks.data_pipeline [--mbytes 11] [--vocab 8192]
+    python -m benchmarks.data_pipeline [--mbytes 11] [--vocab 8192] [--cluster-mbytes 66 (0: skip)]
 """
 
 from __future__ import annotations
@@ -135,6 +142,83 @@ def _trainer_consumption(workdir: Path, cache: Path) -> float:
     return 16 / 2 / step_time
 
 
+def _copies_of_stdlib(folder: Path, mbytes: int) -> Path:
+    """Stdlib source copied until it holds `mbytes` MB: a corpus big enough to time start-up against."""
+    texts, total = _texts(32 * 10**6), 0
+    folder.mkdir(parents=True, exist_ok=True)
+    for copy in range(10**6):
+        for i, text in enumerate(texts):
+            (folder / f"c{copy:03d}-{i:05d}.py").write_text(text)
+            total += len(text.encode())
+            if total >= mbytes * 10**6:
+                return folder
+    return folder
+
+
+def _timed_prepare(command: list[str], marks: tuple[str, str] = ("", "")) -> tuple[float, float, float]:
+    """Wall time of a `bigmodel prepare` command, and when (seconds from its start) the first line holding
+    marks[0] and the last holding marks[1] reached its log: there the parallel part starts and ends."""
+    started = time.perf_counter()
+    job = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    first = last = 0.0
+    lines = []
+    for line in job.stderr:
+        lines.append(line)
+        if marks[0] in line and not first:
+            first = time.perf_counter() - started
+        if marks[1] in line:
+            last = time.perf_counter() - started
+    if job.wait() != 0:
+        raise RuntimeError(f"{command[:6]}... failed:\n{''.join(lines[-30:])}")
+    return time.perf_counter() - started, first, last
+
+
+def _cluster_ratio(mbytes: int, num_shards: int, tokenizer_dir: Path, vocab: int, seq_len: int, repeats: int,
+                   work: Path) -> dict:
+    """`prepare --on ray` on a 2-CPU Ray head ÷ `prepare` here: the same corpus, tokenizer and cores.
+    Runs alternate (here, Ray, here, ...), each into a fresh folder and cache; the fastest of each counts."""
+    from tests.cluster import ray_cluster
+
+    corpus = _copies_of_stdlib(work / "corpus", mbytes)
+    shard_bytes = mbytes * 10**6 // num_shards
+    base = [sys.executable, "-m", "launcher.cli", "prepare", str(REPO / "configs" / "gpt2-tiny.yaml"),
+            f"--data.paths=[{corpus}]", f"--data.tokenizer={tokenizer_dir}", f"--data.seq_len={seq_len}",
+            f"--data.shard_bytes={shard_bytes}", "--data.max_bytes=0", f"--model.vocab_size={vocab}",
+            f"--output_dir={work}"]
+    ray_base = [*base, "--on=ray", f"--address=127.0.0.1:{ray_cluster.GCS_PORT}"]
+    local_runs, ray_runs = [], []
+    ray_cluster.NUM_CPUS = 2  # the same 2 cores as the local run, not the suite's 6 logical CPUs
+    ray_cluster.start()
+    try:
+        for i in range(repeats):
+            local_runs.append(_timed_prepare([*base, f"--data.cache_dir={work}/cache-local{i}",
+                                              f"--out={work}/local{i}"]))
+            ray_runs.append(_timed_prepare([*ray_cluster.netns_prefix(), *ray_base,
+                                            f"--data.cache_dir={work}/cache-ray{i}", f"--out={work}/ray{i}"],
+                                           ("Ray task(s)", "shards written")))
+    finally:
+        ray_cluster.stop()
+    local_t = min(run[0] for run in local_runs)
+    ray_t, first, last = min(ray_runs)
+    same = files_equal(work / "local0", work / "ray0")
+    meta = json.loads((work / "ray0" / "meta.json").read_text())
+    num_tokens = meta["num_tokens"]
+    serial, parallel = ray_t - (last - first), last - first
+    projection = ", ".join(f"{n} machines ~{(serial + parallel) / (serial + parallel / n):.1f}x" for n in (4, 16))
+    return {"figure": "prepare on Ray ÷ here (2 cores)", "ratio": local_t / ray_t, "goal": ">= 0.9",
+            "detail": f"{num_tokens / ray_t / 1e6:.2f} vs {num_tokens / local_t / 1e6:.2f} M tokens/s, {mbytes} MB "
+                      f"in {len(meta['shards'])} shards, every file the same: {same}; serial {serial:.1f} s + "
+                      f"tasks {parallel:.1f} s: {projection} (serial + tasks / N)"}
+
+
+def files_equal(a: Path, b: Path) -> bool:
+    """Every file of two prepared folders, byte for byte."""
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    return files(a) == files(b)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mbytes", type=int, default=11, help="MB of stdlib Python source")
@@ -142,6 +226,10 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cache", default=str(REPO / "runs" / ".cache"))
+    parser.add_argument("--cluster-mbytes", type=int, help="corpus of the Ray row (default 6 x --mbytes; 0: skip; "
+                        "needs root for the cluster's network namespace)")
+    parser.add_argument("--cluster-shards", type=int, default=48,
+                        help="shards of that corpus: many more than the 2 task slots, as in real preparations")
     args = parser.parse_args()
     cache = Path(args.cache)
     cores = os.cpu_count() or 1
@@ -163,6 +251,11 @@ def main() -> int:
         {"figure": "loader supply ÷ trainer use", "ratio": supply / consumption, "goal": ">= 50",
          "detail": f"{supply:.0f} vs {consumption:.1f} samples/s per rank"},
     ]
+    cluster_mbytes = 6 * args.mbytes if args.cluster_mbytes is None else args.cluster_mbytes
+    if cluster_mbytes and os.geteuid() == 0:
+        with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
+            rows.append(_cluster_ratio(cluster_mbytes, args.cluster_shards, tokenizer_dir, args.vocab, args.seq_len,
+                                       args.repeats, Path(tmp)))
     report("data_pipeline", f"data pipeline ({len(texts)} files, {args.mbytes} MB stdlib source, vocab {args.vocab}, "
            f"{cores} cores)", rows)
     return 0

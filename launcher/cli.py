@@ -60,6 +60,11 @@ def _build_parser() -> argparse.ArgumentParser:
                                   epilog=OVERRIDES_HELP)
     prepare.add_argument("config")
     prepare.add_argument("--out", help="prepared folder (sets data.prepared_dir); default: derived in the cache")
+    prepare.add_argument("--on", choices=["local", "ray"], default="local",
+                         help="local: in this process (default); ray: shards written by Ray tasks on the cluster "
+                         "this process joins as driver (see --address)")
+    prepare.add_argument("--address", help="with --on ray: the cluster's GCS, HEAD:6379 (default: RAY_ADDRESS, or "
+                         "the cluster of this node)")
     prepare.set_defaults(handler=_cmd_prepare)
 
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face folder (safetensors)")
@@ -231,6 +236,12 @@ def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.out:
         overrides = [*overrides, f"--data.prepared_dir={args.out}"]
     resolved = resolve_run(load_config(args.config, overrides), world_size=1)
+    if args.address and args.on != "ray":
+        raise UserInputError("prepare --address is the Ray cluster of --on ray; add --on ray or drop --address")
+    if args.on == "ray":  # the shards on the cluster; below, only the folders' checks
+        from launcher.prepare_ray import prepare_on_ray
+
+        prepare_on_ray(resolved.config, resolved.shape.vocab_size, args.address)
     from bigmodel_dist.data.dataset import PackedDataset
 
     for name, prepared in prepare_for(resolved):

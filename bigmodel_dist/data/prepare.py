@@ -9,22 +9,28 @@ Layout of a prepared folder:
 Documents are joined with EOS and packed into fixed-length sequences per shard (a shard's last partial
 sequence is dropped); the last `val_fraction` of each shard's sequences is the validation split.
 Every file is written to a temp name, fsynced and renamed: a killed run leaves nothing later trusted.
+
+Three steps (bigmodel_dist/data/prepare_plan.py): plan (identity, tokenizer, folder, shard count), write
+shard i (idempotent), finalize (meta.json once every shard is complete). `prepare_data` runs them all
+here; `plans_for_run` hands the plans to a cluster engine (`bigmodel prepare --on ray`, slurm/prepare.sh),
+whose tasks write the same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from bigmodel_dist.config.schema import Config, DataConfig
+from bigmodel_dist.data.prepare_plan import DOCS_PER_BATCH, Plan, ShardWriter, finalize, stable_hash
 from bigmodel_dist.data.sources import check_input_files, input_files, load_text_dataset, source_fingerprint
 from bigmodel_dist.data.tokenizer import (
     load_tokenizer,
@@ -33,12 +39,12 @@ from bigmodel_dist.data.tokenizer import (
     train_bpe_tokenizer,
 )
 from bigmodel_dist.errors import UserInputError
-from bigmodel_dist.fileio import file_checksum, write_bytes_atomically, write_json_atomically
 
 log = logging.getLogger(__name__)
 
 PREPARED_FORMAT_VERSION = 1
-DOCS_PER_BATCH = 512
+__all__ = ["DOCS_PER_BATCH", "PREPARED_FORMAT_VERSION", "Plan", "cache_dir_of", "check_compatible", "plans_for_run",
+           "prepare_data", "prepare_for_run", "read_prepared_meta"]
 
 
 def cache_dir_of(data_cfg: DataConfig, output_dir: str) -> Path:
@@ -55,11 +61,42 @@ def prepare_for_run(config: Config, vocab_size: int, progress: bool = True) -> P
 
 def prepare_data(data_cfg: DataConfig, model_vocab_size: int, cache_dir: Path, progress: bool = True) -> Path:
     """The prepared folder for this data config, built (or completed) if needed. Idempotent."""
+    planned = _plan(data_cfg, model_vocab_size, cache_dir)
+    if planned.plan is None:
+        return planned.out
+    writer = ShardWriter(planned.plan, dataset=planned.dataset, backend=planned.tokenizer.backend_tokenizer)
+    for index in _progress(range(planned.plan.num_shards), progress, "prepare"):
+        writer.write(index)
+    finalize(planned.plan)
+    return planned.out
+
+
+def plans_for_run(config: Config, vocab_size: int) -> list[Plan]:
+    """What is left to prepare for a run config, as plans a cluster engine can carry out (one per
+    prepared folder; none when every folder is complete). Planning trains or loads the tokenizer, saves
+    it into each folder and counts the shards; it writes no shard."""
+    if config.data.sources:  # each source's plan: issue 15 part 1 (mixture_sources) brings them
+        raise UserInputError("data.sources: cluster preparation of a mixture is not wired up yet; "
+                             "prepare it with `bigmodel prepare` on one machine")
+    plan = _plan(config.data, vocab_size, cache_dir_of(config.data, config.output_dir)).plan
+    return [plan] if plan is not None else []
+
+
+class _Planned(NamedTuple):
+    out: Path
+    plan: Plan | None  # None: the folder is complete
+    dataset: _Lazy | None = None
+    tokenizer: Any = None
+
+
+def _plan(data_cfg: DataConfig, model_vocab_size: int, cache_dir: Path) -> _Planned:
     if data_cfg.num_proc:  # tokenizers' Rust pool reads this once, at its first parallel call
         os.environ["RAYON_NUM_THREADS"] = str(data_cfg.num_proc)
     if data_cfg.prepared_dir and (Path(data_cfg.prepared_dir) / "meta.json").is_file():
-        return _reuse_prepared(Path(data_cfg.prepared_dir), data_cfg, model_vocab_size)
-    files = [] if data_cfg.dataset else input_files(data_cfg)
+        return _Planned(_reuse_prepared(Path(data_cfg.prepared_dir), data_cfg, model_vocab_size), None)
+    # Absolute: the documents' `datasets` cache is keyed by these paths, and a cluster task that reloads
+    # them from another working directory must hit the cache the planner built.
+    files = [] if data_cfg.dataset else [path.resolve() for path in input_files(data_cfg)]
     check_input_files(files, data_cfg)
     source_fp = source_fingerprint(files, data_cfg)
     dataset = _Lazy(lambda: load_text_dataset(data_cfg, files, cache_dir, source_fp))
@@ -73,34 +110,18 @@ def prepare_data(data_cfg: DataConfig, model_vocab_size: int, cache_dir: Path, p
         "val_fraction": data_cfg.val_fraction,
         "dtype": np.dtype(dtype).name,
     }
-    out = Path(data_cfg.prepared_dir) if data_cfg.prepared_dir else cache_dir / f"prepared-{_hash(identity)}"
+    out = Path(data_cfg.prepared_dir) if data_cfg.prepared_dir else cache_dir / f"prepared-{stable_hash(identity)}"
     if (out / "meta.json").is_file():  # a derived folder's name is its identity
-        return out
+        return _Planned(out, None)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "tokenizer" / "tokenizer.json").is_file():
         save_tokenizer_atomically(tokenizer, out / "tokenizer")
-    num_shards = max(1, math.ceil(dataset().data.nbytes / data_cfg.shard_bytes))
-    shards = []
-    for index in _progress(range(num_shards), progress, "prepare"):
-        shard_key = _hash({**identity, "shard": index, "num_shards": num_shards})
-        shards.append(_existing_shard(out, index, shard_key) or
-                      _write_shard(out, index, shard_key, dataset().shard(num_shards, index, contiguous=True),
-                                   tokenizer, dtype, data_cfg))
-    meta = {
-        **identity,
-        "tokenizer_vocab_size": len(tokenizer),
-        "num_tokens": sum(s["num_sequences"] for s in shards) * data_cfg.seq_len,
-        "num_train_sequences": sum(s["num_sequences"] - s["num_val"] for s in shards),
-        "num_val_sequences": sum(s["num_val"] for s in shards),
-        "shards": shards,
-    }
-    if meta["num_train_sequences"] < 1 or meta["num_val_sequences"] < 1:
-        raise UserInputError(f"data.paths {data_cfg.paths}: too little text for one training and one validation "
-                             f"sequence of {data_cfg.seq_len} tokens; add text or lower data.seq_len")
-    write_json_atomically(out / "meta.json", meta)
-    log.info("prepared %s: %d tokens, %d train + %d val sequences in %d shard(s)", out, meta["num_tokens"],
-             meta["num_train_sequences"], meta["num_val_sequences"], len(shards))
-    return out
+    plan = Plan(out=str(out.resolve()), identity=identity,
+                num_shards=max(1, math.ceil(dataset().data.nbytes / data_cfg.shard_bytes)),
+                data=dataclasses.asdict(data_cfg), files=[str(f) for f in files], cache_dir=str(cache_dir.resolve()),
+                tokenizer_json=tokenizer.backend_tokenizer.to_str(), eos_token_id=tokenizer.eos_token_id,
+                tokenizer_vocab_size=len(tokenizer))
+    return _Planned(out, plan, dataset, tokenizer)
 
 
 def _reuse_prepared(prepared: Path, data_cfg: DataConfig, model_vocab_size: int) -> Path:
@@ -184,48 +205,6 @@ def _token_dtype(data_cfg: DataConfig, vocab: int) -> type:
     if data_cfg.token_dtype == "auto":
         return np.uint16 if fits16 else np.uint32
     return np.dtype(data_cfg.token_dtype).type
-
-
-def _existing_shard(out: Path, index: int, shard_key: str) -> dict[str, Any] | None:
-    sidecar = out / f"shard-{index:05d}.json"
-    try:
-        info = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
-        return None
-    data = out / info.get("file", "")
-    if info.get("key") != shard_key or not data.is_file() or data.stat().st_size != info.get("num_bytes"):
-        return None
-    return info
-
-
-def _write_shard(out: Path, index: int, shard_key: str, part, tokenizer, dtype, data_cfg: DataConfig) -> dict:
-    backend = tokenizer.backend_tokenizer
-    eos = np.array([tokenizer.eos_token_id], dtype=dtype)
-    pieces: list[np.ndarray] = []
-    for batch in part.iter(batch_size=DOCS_PER_BATCH):
-        for encoding in backend.encode_batch_fast(batch["text"], add_special_tokens=False):
-            pieces.append(np.asarray(encoding.ids, dtype=dtype))
-            pieces.append(eos)
-    tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
-    num_sequences = len(tokens) // data_cfg.seq_len
-    name = f"shard-{index:05d}.bin"
-    write_bytes_atomically(out / name, tokens[: num_sequences * data_cfg.seq_len].tobytes())
-    info = {
-        "file": name,
-        "key": shard_key,
-        "num_sequences": num_sequences,
-        "num_val": math.ceil(num_sequences * data_cfg.val_fraction) if num_sequences >= 2 else 0,
-        "num_bytes": num_sequences * data_cfg.seq_len * np.dtype(dtype).itemsize,
-        "xxh3_128": file_checksum(out / name),
-    }
-    write_json_atomically(out / f"shard-{index:05d}.json", info)
-    return info
-
-
-
-
-def _hash(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _progress(items, enabled: bool, desc: str):
