@@ -21,7 +21,7 @@ import logging
 import os
 
 from bigmodel_dist.config.schema import Config
-from bigmodel_dist.data.prepare import plans_for_run
+from bigmodel_dist.data.mixture_sources import run_plans
 from bigmodel_dist.data.prepare_plan import Plan, ShardWriter, Unit, all_units, finalize
 from bigmodel_dist.errors import UserInputError
 
@@ -61,7 +61,7 @@ def prepare_on_ray(config: Config, vocab_size: int, address: str | None) -> None
     slots = max(1, int(ray.cluster_resources().get("CPU", 0) // cpus))
     warm_up = ray.remote(num_cpus=cpus)(warm_up_task)
     warming = [warm_up.remote() for _ in range(slots)]  # workers start while this process plans
-    plans = plans_for_run(config, vocab_size)
+    plans = run_plans(config, vocab_size)
     if not plans:
         log.info("prepared data complete; nothing to do on Ray")
         return

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from bigmodel_dist.config import load_config
 from bigmodel_dist.config.validate import resolve_run
-from bigmodel_dist.data.prepare import cache_dir_of, plans_for_run
+from bigmodel_dist.data.mixture_sources import run_plans
+from bigmodel_dist.data.prepare import cache_dir_of
 from bigmodel_dist.data.prepare_plan import (
     chunk,
     finalize,
@@ -64,7 +65,7 @@ def num_tasks(num_units: int, env: dict[str, str]) -> int:
 def plan_and_submit(script: Path, config: str, overrides: list[str], env: dict[str, str]) -> int:
     cfg = load_config(config, overrides)
     resolved = resolve_run(cfg, world_size=1)
-    plans = plans_for_run(cfg, resolved.shape.vocab_size)
+    plans = run_plans(cfg, resolved.shape.vocab_size)
     if not plans:
         print("prepared data complete: nothing to submit", flush=True)
         return 0

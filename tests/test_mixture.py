@@ -177,3 +177,16 @@ def test_a_missing_source_is_named_by_its_field(tmp_path, cli_env):
     items = f"{{name: code, paths: [{STDLIB}/json], weight: 1}}, {{name: gone, paths: [{tmp_path}/nothing], weight: 1}}"
     result = run_cli(["validate", TINY_CONFIG, f"--output_dir={tmp_path}", f"--data.sources=[{items}]"], env=cli_env)
     assert_one_line_error(result, "data.sources[1] (gone)", "does not exist")
+
+
+def test_a_mixture_plans_one_folder_per_source_for_cluster_engines(tmp_path):
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.data.mixture_sources import prepare_run_sources, run_plans
+
+    cfg = load_config(TINY_CONFIG, [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={tmp_path / 'cache'}",
+                                    _mixture(0.5, 0.25, 0.25)])
+    plans = run_plans(cfg, 512)  # what `bigmodel prepare --on ray` and slurm/prepare.sh carry out
+    assert len(plans) == 3
+    prepared = prepare_run_sources(cfg, 512, progress=False)
+    assert sorted(plan.out for plan in plans) == sorted(str(path.resolve()) for _, path in prepared)
+    assert run_plans(cfg, 512) == []  # all complete: nothing left for a cluster

@@ -17,7 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bigmodel_dist.config.schema import Config, DataConfig, SourceConfig
-from bigmodel_dist.data.prepare import DOCS_PER_BATCH, cache_dir_of, prepare_data, prepare_for_run
+from bigmodel_dist.data.prepare import (
+    DOCS_PER_BATCH,
+    Plan,
+    cache_dir_of,
+    plan_data,
+    plans_for_run,
+    prepare_data,
+    prepare_for_run,
+)
 from bigmodel_dist.data.sources import check_input_files, input_files, load_text_dataset, source_fingerprint
 from bigmodel_dist.data.tokenizer import train_bpe_tokenizer
 
@@ -40,6 +48,18 @@ def prepare_run_sources(config: Config, vocab_size: int, progress: bool = True) 
         prepared.append((source.name, prepare_data(source_data_config(data, source, tokenizer), vocab_size, cache,
                                                    progress=progress)))
     return prepared
+
+
+def run_plans(config: Config, vocab_size: int) -> list[Plan]:
+    """What is left to prepare for the run, as plans for a cluster engine: the one pool's, or each
+    mixture source's (after training or loading the shared tokenizer here)."""
+    data = config.data
+    if not data.sources:
+        return plans_for_run(config, vocab_size)
+    cache = cache_dir_of(data, config.output_dir)
+    tokenizer = data.tokenizer or str(mixture_tokenizer(data, vocab_size, cache))
+    plans = [plan_data(source_data_config(data, source, tokenizer), vocab_size, cache) for source in data.sources]
+    return [plan for plan in plans if plan is not None]
 
 
 def source_data_config(data: DataConfig, source: SourceConfig, tokenizer: str | None) -> DataConfig:

@@ -75,11 +75,15 @@ def plans_for_run(config: Config, vocab_size: int) -> list[Plan]:
     """What is left to prepare for a run config, as plans a cluster engine can carry out (one per
     prepared folder; none when every folder is complete). Planning trains or loads the tokenizer, saves
     it into each folder and counts the shards; it writes no shard."""
-    if config.data.sources:  # each source's plan: issue 15 part 1 (mixture_sources) brings them
-        raise UserInputError("data.sources: cluster preparation of a mixture is not wired up yet; "
-                             "prepare it with `bigmodel prepare` on one machine")
-    plan = _plan(config.data, vocab_size, cache_dir_of(config.data, config.output_dir)).plan
+    if config.data.sources:  # a mixture plans each source with its shared tokenizer
+        raise ValueError("plans_for_run is for one pool; mixture_sources.run_plans plans a mixture's sources")
+    plan = plan_data(config.data, vocab_size, cache_dir_of(config.data, config.output_dir))
     return [plan] if plan is not None else []
+
+
+def plan_data(data_cfg: DataConfig, model_vocab_size: int, cache_dir: Path) -> Plan | None:
+    """The plan of one prepared folder, or None when it is complete."""
+    return _plan(data_cfg, model_vocab_size, cache_dir).plan
 
 
 class _Planned(NamedTuple):
