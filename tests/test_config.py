@@ -116,11 +116,13 @@ def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_by_validate(tmp_path
     folder = tmp_path / "tok"
     PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(str(folder))
     tokens = bpe.get_vocab_size()
-    small = run_cli(["validate", TINY_CONFIG, f"--data.tokenizer={folder}", f"--model.vocab_size={tokens - 1}"],
+    small = run_cli(["validate", TINY_CONFIG, f"--data.tokenizer={folder}", f"--model.vocab_size={tokens - 1}",
+                     "--model.vocab_multiple=1"],  # unpadded: padding would make it fit
                     cwd=tmp_path, env=cli_env)
     assert_one_line_error(small, f"config field model.vocab_size: {tokens - 1} is smaller than the {tokens} tokens "
                                  "of data.tokenizer", str(folder))
-    fits = run_cli(["validate", TINY_CONFIG, f"--data.tokenizer={folder}", f"--model.vocab_size={tokens}"],
+    fits = run_cli(["validate", TINY_CONFIG, f"--data.tokenizer={folder}", f"--model.vocab_size={tokens}",
+                    "--model.vocab_multiple=1"],
                    cwd=tmp_path, env=cli_env)
     assert fits.returncode == 0, fits.stderr
 
