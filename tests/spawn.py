@@ -85,10 +85,7 @@ def run_until_a_rank_dies(fn: Callable, world_size: int = 2, *args: Any, timeout
                 break
             time.sleep(0.1)
         codes = [p.exitcode for p in procs]
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join()
+        _end_survivors(procs)
         return codes
 
 
@@ -99,11 +96,16 @@ def exit_codes(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float =
         for proc in procs:
             proc.join(timeout=timeout_s)
         codes = [proc.exitcode for proc in procs]
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        _end_survivors(procs)
         return codes
+
+
+def _end_survivors(procs: list) -> None:
+    """Kill the ranks still running (stuck past the guard, or in a collective with a dead peer) and reap all."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
 
 
 def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout_s: float = HANG_GUARD_S,
@@ -115,10 +117,7 @@ def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout_s: fl
             proc.join(timeout=timeout_s)
             if proc.is_alive():
                 deadline_hit = True
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        _end_survivors(procs)
         out = Path(out_dir)
         errors = sorted(out.glob("rank*.err"))
         if errors:
