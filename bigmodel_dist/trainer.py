@@ -23,7 +23,9 @@ from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.config.validate import ResolvedRun
 from bigmodel_dist.data.dataset import MixedDataset, PackedDataset
 from bigmodel_dist.data.loader import BatchLoader
-from bigmodel_dist.data.mixture import MixtureProgress, MixtureReader, MixtureSchedule, Segment
+from bigmodel_dist.data.mixture import (
+    MixtureProgress, MixtureReader, MixtureSchedule, Segment, budgets_in_sequences,
+    refuse_short_budgets)
 from bigmodel_dist.data.mixture_sources import prepare_run_sources
 from bigmodel_dist.data.sampler import global_index
 from bigmodel_dist.distributed import DistributedFacts, on_rank0_then_shared
@@ -305,20 +307,32 @@ class Trainer:
 
     def _sync_mixture(self) -> None:
         """The mixture's segments in the training state: the checkpoint's, switched to the config's
-        weights (and window) at the cursor when they changed: a curriculum, recorded, never silent."""
+        weights, window and budgets at the cursor when they changed: a curriculum, recorded, never silent."""
         data = self.cfg.data
         if not data.sources:
             return
         weights = tuple(data.source_weights().values())
+        budgets = budgets_in_sequences([s.max_tokens for s in data.sources], [s.max_epochs for s in data.sources],
+                                       [len(rows) for rows in self.dataset.sources], self.dataset.seq_len)
         segments = [Segment.from_dict(s) for s in self.state.mixture]
         if not segments:
-            segments = [Segment(0, weights, (0,) * len(weights), data.mixture_window)]
-        elif (segments[-1].weights, segments[-1].window) != (weights, data.mixture_window):
+            segments = [Segment(0, weights, (0,) * len(weights), data.mixture_window, budgets)]
+        elif (segments[-1].weights, segments[-1].window, segments[-1].budgets) != (weights, data.mixture_window,
+                                                                                   budgets):
             at = self.state.samples_seen
-            segments = MixtureSchedule(segments, self.cfg.seed).switched(weights, data.mixture_window, at).segments
+            schedule = MixtureSchedule(segments, self.cfg.seed)
+            segments = schedule.switched(weights, data.mixture_window, at, budgets).saved
             self.metrics.incident(self.state.step, "mixture", at_sample=at, window=data.mixture_window,
-                                  weights=dict(zip(data.source_weights(), weights)))
+                                  weights=dict(zip(data.source_weights(), weights)),
+                                  budgets=dict(zip(data.source_weights(), budgets)))
         self.state.mixture = [s.as_dict() for s in segments]
+        self._check_budgets_last(MixtureSchedule(segments, self.cfg.seed))
+
+    def _check_budgets_last(self, schedule: MixtureSchedule) -> None:
+        """Every budget spent before the run's last step would leave steps without data: refuse now."""
+        batch = self.resolved.layout.global_batch_size
+        refuse_short_budgets(schedule.end, global_index(self.cfg.train.max_steps * batch, self.state.skipped_ranges),
+                             self.cfg.train.max_steps, batch)
 
     def _roll_back(self) -> None:
         """Collective: back to the newest checkpoint saved before this streak of bad steps; the good steps

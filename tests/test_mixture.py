@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta, step_dir_name
-from bigmodel_dist.data.mixture import MixtureReader, MixtureSchedule, Segment
+from bigmodel_dist.data.mixture import MixtureReader, MixtureSchedule, Segment, budgets_in_sequences
 from bigmodel_dist.data.quotas import apportion
 from bigmodel_dist.data.sampler import ShuffledOrder
 from bigmodel_dist.metrics_file import read_metrics
@@ -53,6 +53,42 @@ def test_new_weights_continue_each_source_where_it_stood():
     assert Counter(s for s, _ in after) == {0: 10, 1: 30}
 
 
+def test_a_source_with_a_budget_gives_exactly_it_then_leaves_and_the_others_share_its_slots():
+    schedule = MixtureSchedule([Segment(0, (0.5, 0.2, 0.3), (0, 0, 0), 10, (-1, 7, -1))], seed=3)
+    located = [schedule.locate(g) for g in range(300)]
+    assert [n for s, n in located if s == 1] == list(range(7))  # its budget, each sample once
+    leaves = max(g for g, (s, _) in enumerate(located) if s == 1) + 1
+    assert schedule.segments[1].start == leaves and schedule.spent_at(leaves) == {1} and not schedule.spent_at(leaves - 1)
+    after = located[leaves:leaves + 200]
+    for w in range(20):  # the derived segment's windows: 6 + 4 of 10 (0.5 : 0.3 by largest remainder)
+        assert Counter(s for s, _ in after[w * 10:(w + 1) * 10]) == {0: 6, 2: 4}
+    for source in (0, 2):  # the others go on where they stood
+        assert [n for s, n in located if s == source] == list(range(sum(1 for s, _ in located if s == source)))
+    assert schedule.consumed_at(300) == [sum(1 for s, _ in located if s == k) for k in range(3)]
+
+
+def test_budgets_follow_from_the_saved_segments_and_a_new_budget_keeps_the_past():
+    first = Segment(0, (0.5, 0.5), (0, 0), 4, (5, -1))
+    schedule = MixtureSchedule([first], seed=2)
+    assert [s.as_dict() for s in schedule.saved] == [first.as_dict()]  # derived segments are not saved
+    again = MixtureSchedule([Segment.from_dict(first.as_dict())], seed=2)  # what a resume rebuilds
+    assert [again.locate(g) for g in range(40)] == [schedule.locate(g) for g in range(40)]
+    raised = schedule.switched((0.5, 0.5), 4, at=30, budgets=(9, -1))  # a larger budget on resume
+    assert [raised.locate(g) for g in range(30)] == [schedule.locate(g) for g in range(30)]
+    assert [n for s, n in (raised.locate(g) for g in range(80)) if s == 0] == list(range(9))
+
+
+def test_when_every_budget_is_spent_the_schedule_ends():
+    schedule = MixtureSchedule([Segment(0, (0.5, 0.5), (0, 0), 4, (3, 5))], seed=1)
+    assert schedule.end == 8 and schedule.consumed_at(8) == schedule.consumed_at(20) == [3, 5]
+    assert Counter(schedule.locate(g)[0] for g in range(8)) == {0: 3, 1: 5}
+    with pytest.raises(IndexError):
+        schedule.locate(8)
+    assert budgets_in_sequences([0, 256, 0], [0.0, 0.0, 1.5], [10, 10, 10], 128) == (-1, 2, 15)
+    assert budgets_in_sequences([0, 0], [0.0, 0.0], [10, 10], 128) == ()
+    assert budgets_in_sequences([128 * 30], [2.0], [10], 128) == (20,)  # the smaller budget wins
+
+
 def test_a_one_source_mixture_reads_what_the_single_pool_reads():
     rows = [[i] for i in range(17)]
     reader = MixtureReader([rows], MixtureSchedule([Segment(0, (1.0,), (0,), 10)], seed=5), seed=5)
@@ -60,10 +96,11 @@ def test_a_one_source_mixture_reads_what_the_single_pool_reads():
     assert [reader(g)[0] for g in range(60)] == [rows[order[g]][0] for g in range(60)]
 
 
-def _mixture(*weights: float, small: bool = False) -> str:
+def _mixture(*weights: float, small: bool = False, budgets: tuple[str, ...] = ("", "", "")) -> str:
     names = ("email", "json", "tiny" if small else "asyncio")
     paths = (f"{STDLIB}/email", f"{STDLIB}/json", f"{STDLIB}/json/tool.py" if small else f"{STDLIB}/asyncio")
-    items = ", ".join(f"{{name: {n}, paths: [{p}], weight: {w}}}" for n, p, w in zip(names, paths, weights))
+    items = ", ".join(f"{{name: {n}, paths: [{p}], weight: {w}{', ' + b if b else ''}}}"
+                      for n, p, w, b in zip(names, paths, weights, budgets))
     return f"--data.sources=[{items}]"
 
 
@@ -120,17 +157,31 @@ def test_changed_weights_on_resume_are_a_recorded_curriculum(tmp_path, data_cach
     assert tokens["json"][-1] + tokens["asyncio"][-1] == 36 * 128
 
 
-def test_a_source_that_runs_out_begins_a_new_epoch_and_says_so(tmp_path, data_cache, cli_env):
-    result = run_cli(["train", TINY_CONFIG, *_run(tmp_path, data_cache, _mixture(0.25, 0.25, 0.5, small=True),
-                                                  "--data.val_fraction=0.4")], env=cli_env)
+def test_a_source_that_runs_out_begins_a_new_epoch_and_one_with_a_budget_leaves(tmp_path, data_cache, cli_env):
+    budget = "max_tokens: 1280"  # json: 10 sequences of 128 tokens, spent inside the 6 steps x 8
+    result = run_cli(["train", TINY_CONFIG, *_run(tmp_path, data_cache, _mixture(
+        0.25, 0.5, 0.25, small=True, budgets=("", budget, "")), "--data.val_fraction=0.4")], env=cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "source tiny ran out of sequences and began epoch 2" in result.stderr
-    assert read_metrics(tmp_path / "mix" / "metrics.jsonl").series("data/tiny/epoch")[1][-1] >= 1
+    assert "source json used up its budget (1280 tokens) and leaves the mixture" in result.stderr
+    history = read_metrics(tmp_path / "mix" / "metrics.jsonl")
+    assert history.series("data/tiny/epoch")[1][-1] >= 1
+    assert history.series("data/json/tokens_seen")[1][-1] == 1280
+    assert history.series("data/email/tokens_seen")[1][-1] + history.series("data/tiny/tokens_seen")[1][-1] == \
+        (48 - 10) * 128  # the other two took json's slots
+
+
+def test_budgets_too_small_for_the_run_are_refused_at_start_up(tmp_path, data_cache, cli_env):
+    budgets = ("max_tokens: 1280", "max_epochs: 0.01", "max_tokens: 640")
+    result = run_cli(["train", TINY_CONFIG, *_run(tmp_path, data_cache, _mixture(0.25, 0.5, 0.25, budgets=budgets))],
+                     env=cli_env)
+    assert_one_line_error(result, "data.sources", "hold 16 training sequences", "train.max_steps", after_logs=True)
 
 
 @pytest.mark.parametrize("override, field", [
     (_mixture(0.5, -1, 0.5), "data.sources[1].weight"),
     (_mixture(0, 0, 0), "data.sources"),
+    (_mixture(0.5, 0.5, 0.5, budgets=("", "max_epochs: -1", "")), "data.sources[1].max_epochs"),
     ("--data.weights.nope=1", "data.weights.nope"),
 ])
 def test_bad_weights_are_one_line_errors(tmp_path, cli_env, override, field):

@@ -66,6 +66,12 @@ class SourceConfig:
     """Field holding the document text in tables and hub datasets."""
     weight: float = 1.0
     """Share of training samples drawn from this source, relative to the other sources' weights."""
+    max_tokens: int = 0
+    """Token budget: after this many training tokens (whole sequences) the source leaves the mixture and
+    the others share its slots by weight; 0: no budget."""
+    max_epochs: float = 0.0
+    """Passes over the source's training sequences after which it leaves the mixture (fractions allowed;
+    the smaller budget wins with `max_tokens`); 0: no limit, a source that runs out repeats."""
 
     def check(self, path: str) -> None:
         if not self.name or "/" in self.name or "." in self.name:
@@ -74,6 +80,9 @@ class SourceConfig:
             raise ConfigError(f"{path}.paths", "is empty; give files or folders (or python-stdlib), or a dataset")
         if self.weight < 0:
             raise ConfigError(f"{path}.weight", f"must be >= 0, got {self.weight}")
+        for name in ("max_tokens", "max_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{path}.{name}", f"must be >= 0 (0: no budget), got {getattr(self, name)}")
 
 
 @dataclass

@@ -11,10 +11,14 @@ one integer and a run resumes exactly on any world size:
   seeded order, reshuffled each epoch. A source that runs out starts a new epoch (logged).
 - Weights changed on resume (a curriculum) start a new segment at the cursor: each source goes on where
   it stood. The segments are part of the training state, saved in every checkpoint.
+- A source with a budget (`max_tokens` / `max_epochs`, as a number of its sequences) leaves the mixture
+  right after the sample that reaches it: the schedule starts a derived segment there, the others
+  sharing its slots by their weights. Derived segments follow from the saved ones, so they are not saved.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +27,7 @@ import numpy as np
 
 from bigmodel_dist.data.quotas import apportion
 from bigmodel_dist.data.sampler import ShuffledOrder
+from bigmodel_dist.errors import UserInputError
 
 
 @dataclass(frozen=True)
@@ -31,26 +36,71 @@ class Segment:
     weights: tuple[float, ...]  # by source, in `data.sources` order
     consumed: tuple[int, ...]  # samples each source had read before `start`
     window: int  # data.mixture_window when the segment began
+    budgets: tuple[int, ...] = ()  # sequences each source may give in all (-1: no budget); () none at all
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "weights": list(self.weights), "consumed": list(self.consumed)}
+        return {**asdict(self), "weights": list(self.weights), "consumed": list(self.consumed),
+                "budgets": list(self.budgets)}
 
     @staticmethod
     def from_dict(saved: dict[str, Any]) -> Segment:
-        return Segment(int(saved["start"]), tuple(saved["weights"]), tuple(saved["consumed"]), int(saved["window"]))
+        return Segment(int(saved["start"]), tuple(saved["weights"]), tuple(saved["consumed"]), int(saved["window"]),
+                       tuple(saved.get("budgets", ())))
+
+    def spent(self) -> list[int]:
+        """Sources whose budget is used up when the segment begins."""
+        return [k for k, (n, b) in enumerate(zip(self.consumed, self.budgets)) if 0 <= b <= n]
 
 
 class MixtureSchedule:
     """Global sample index -> (source, that source's sample number)."""
 
     def __init__(self, segments: Sequence[Segment], seed: int):
-        self.segments, self.seed = list(segments), seed
-        self._quotas = [apportion(s.window, s.weights) for s in self.segments]
+        self.saved, self.seed = list(segments), seed  # `saved`: what the training state holds
+        self.segments: list[Segment] = []  # the saved ones and those derived from budgets, in order
+        self._quotas: list[list[int]] = []
         self._cached: tuple[int, int] | None = None
         self._slots = np.empty(0, dtype=np.int64)  # source of each slot of the cached window
         self._rank = np.empty(0, dtype=np.int64)  # how many slots of the same source come before it
+        self.end: int | None = None  # the first global sample no source can give (every budget spent)
+        self._consumed_at_end: list[int] = []
+        for i, segment in enumerate(self.saved):
+            following = self.saved[i + 1].start if i + 1 < len(self.saved) else None
+            self._add_with_budgets(segment, following)
+
+    def _add_with_budgets(self, segment: Segment, until: int | None) -> None:
+        """`segment`, then a derived segment wherever a source's budget runs out before `until`."""
+        while True:
+            weights = [0.0 if k in segment.spent() else w for k, w in enumerate(segment.weights)]
+            if not any(weights):
+                self.end, self._consumed_at_end = segment.start, list(segment.consumed)
+                return
+            segment = Segment(segment.start, tuple(weights), segment.consumed, segment.window, segment.budgets)
+            self.segments.append(segment)
+            self._quotas.append(apportion(segment.window, segment.weights))
+            self.end = None
+            runs_out = self._first_spent(len(self.segments) - 1)
+            if runs_out is None or (until is not None and runs_out >= until):
+                return
+            segment = Segment(runs_out, segment.weights, tuple(self.consumed_at(runs_out)), segment.window,
+                              segment.budgets)
+
+    def _first_spent(self, index: int) -> int | None:
+        """The global sample right after the one that spends a budget in segment `index`; None if none does."""
+        segment, quotas = self.segments[index], self._quotas[index]
+        ends = []
+        for k, (budget, quota) in enumerate(zip(segment.budgets, quotas)):
+            if budget < 0 or quota == 0:
+                continue
+            w, j = divmod(budget - segment.consumed[k] - 1, quota)  # window and rank of its last sample
+            self._window(index, w)
+            position = int(np.flatnonzero((self._slots == k) & (self._rank == j))[0])
+            ends.append(segment.start + w * segment.window + position + 1)
+        return min(ends, default=None)
 
     def _segment_of(self, g: int) -> int:
+        if self.end is not None and g >= self.end:
+            raise IndexError(f"global sample {g}: every source of the mixture has used up its budget at {self.end}")
         return max(i for i, s in enumerate(self.segments) if s.start <= g)
 
     def _window(self, segment: int, w: int) -> None:
@@ -75,6 +125,8 @@ class MixtureSchedule:
 
     def consumed_at(self, g: int) -> list[int]:
         """Samples each source has given to global samples [0, g)."""
+        if self.end is not None and g >= self.end:
+            return list(self._consumed_at_end)
         index = self._segment_of(g)
         segment, quotas = self.segments[index], self._quotas[index]
         w, offset = divmod(g - segment.start, segment.window)
@@ -82,10 +134,39 @@ class MixtureSchedule:
         partial = np.bincount(self._slots[:offset], minlength=len(quotas))
         return [segment.consumed[k] + w * quotas[k] + int(partial[k]) for k in range(len(quotas))]
 
-    def switched(self, weights: Sequence[float], window: int, at: int) -> MixtureSchedule:
-        """The schedule that switches to `weights` and `window` at global sample `at` (a curriculum step)."""
-        kept = [s for s in self.segments if s.start < at]
-        return MixtureSchedule([*kept, Segment(at, tuple(weights), tuple(self.consumed_at(at)), window)], self.seed)
+    def spent_at(self, g: int) -> set[int]:
+        """Sources whose budget is used up by global samples [0, g)."""
+        budgets = self.segments[-1].budgets if self.end is not None and g >= self.end else \
+            self.segments[self._segment_of(g)].budgets
+        return {k for k, (n, b) in enumerate(zip(self.consumed_at(g), budgets)) if 0 <= b <= n}
+
+    def switched(self, weights: Sequence[float], window: int, at: int,
+                 budgets: Sequence[int] = ()) -> MixtureSchedule:
+        """The schedule that switches to `weights`, `window` and `budgets` at global sample `at` (a
+        curriculum step)."""
+        kept = [s for s in self.saved if s.start < at]
+        segment = Segment(at, tuple(weights), tuple(self.consumed_at(at)), window, tuple(budgets))
+        return MixtureSchedule([*kept, segment], self.seed)
+
+
+def budgets_in_sequences(max_tokens: Sequence[int], max_epochs: Sequence[float], sizes: Sequence[int],
+                         seq_len: int) -> tuple[int, ...]:
+    """Each source's budget as a number of its sequences (-1: none); () when no source has one. The
+    smaller of a token budget and an epoch budget wins."""
+    budgets = []
+    for tokens, epochs, size in zip(max_tokens, max_epochs, sizes):
+        limits = ([tokens // seq_len] if tokens else []) + ([math.floor(epochs * size + 1e-9)] if epochs else [])
+        budgets.append(min(limits, default=-1))
+    return tuple(budgets) if any(b >= 0 for b in budgets) else ()
+
+
+def refuse_short_budgets(end: int | None, needed: int, max_steps: int, global_batch: int) -> None:
+    """A one-line error when every source's budget is spent (at sample `end`) before the run's last sample."""
+    if end is not None and end < needed:
+        raise UserInputError(
+            f"data.sources: the sources' budgets (max_tokens / max_epochs) hold {end} training sequences but "
+            f"train.max_steps={max_steps} x global batch {global_batch} needs {needed}; raise a budget, give a source "
+            "no budget, or lower train.max_steps")
 
 
 class MixtureReader:
@@ -115,6 +196,7 @@ class MixtureProgress:
         self.names, self.sizes, self.seq_len = list(names), list(sizes), seq_len
         self._schedule = MixtureSchedule(segments, seed)
         self._epochs: list[int] | None = None
+        self._spent: set[int] | None = None
 
     def figures(self, g: int) -> tuple[dict[str, float], list[str]]:
         """Metrics at global sample `g`, and a line for each source that began a new epoch since the last call."""
@@ -122,7 +204,10 @@ class MixtureProgress:
         epochs = [n // size for n, size in zip(consumed, self.sizes)]
         news = [f"source {name} ran out of sequences and began epoch {epoch + 1} (a new order)"
                 for name, epoch, before in zip(self.names, epochs, self._epochs or epochs) if epoch > before]
-        self._epochs = epochs
+        spent = self._schedule.spent_at(g)
+        news += [f"source {self.names[k]} used up its budget ({consumed[k] * self.seq_len} tokens) and leaves the "
+                 "mixture; the other sources share its slots" for k in sorted(spent - (spent if self._spent is None else self._spent))]
+        self._epochs, self._spent = epochs, spent
         metrics: dict[str, float] = {}
         for name, n, epoch in zip(self.names, consumed, epochs):
             metrics[f"data/{name}/tokens_seen"] = n * self.seq_len
