@@ -24,8 +24,13 @@ from bigmodel_dist.config.validate import ResolvedRun
 from bigmodel_dist.data.dataset import MixedDataset, PackedDataset
 from bigmodel_dist.data.loader import BatchLoader
 from bigmodel_dist.data.mixture import (
-    MixtureProgress, MixtureReader, MixtureSchedule, Segment, budgets_in_sequences,
-    refuse_short_budgets)
+    MixtureProgress,
+    MixtureReader,
+    MixtureSchedule,
+    Segment,
+    budgets_in_sequences,
+    refuse_short_budgets,
+)
 from bigmodel_dist.data.mixture_sources import prepare_run_sources
 from bigmodel_dist.data.sampler import global_index
 from bigmodel_dist.distributed import DistributedFacts, on_rank0_then_shared
