@@ -314,7 +314,7 @@ class Trainer:
         """The mixture's segments in the training state: the checkpoint's, switched to the config's
         weights, window and budgets at the cursor when they changed: a curriculum, recorded, never silent."""
         data = self.cfg.data
-        if not data.sources:
+        if not isinstance(self.dataset, MixedDataset):
             return
         weights = tuple(data.source_weights().values())
         budgets = budgets_in_sequences([s.max_tokens for s in data.sources], [s.max_epochs for s in data.sources],
