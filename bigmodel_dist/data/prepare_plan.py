@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,9 @@ from bigmodel_dist.fileio import file_checksum, write_bytes_atomically, write_js
 log = logging.getLogger(__name__)
 
 DOCS_PER_BATCH = 512
+# Text handed to the tokenizer at once. Its per-token output (ids, masks, token strings) is ~20x the
+# text, so batches bounded by bytes, not by documents, keep peak memory flat whatever the documents' sizes.
+ENCODE_BATCH_BYTES = 2**20
 Unit = tuple[int, int]  # (index of a plan in a list of plans, shard index): one shard to write
 
 
@@ -135,9 +138,10 @@ class ShardWriter:
         eos = np.array([plan.eos_token_id], dtype=dtype)
         pieces: list[np.ndarray] = []
         for batch in part.iter(batch_size=DOCS_PER_BATCH):
-            for encoding in self._backend.encode_batch_fast(batch["text"], add_special_tokens=False):
-                pieces.append(np.asarray(encoding.ids, dtype=dtype))
-                pieces.append(eos)
+            for texts in _by_bytes(batch["text"], ENCODE_BATCH_BYTES):
+                for encoding in self._backend.encode_batch_fast(texts, add_special_tokens=False):
+                    pieces.append(np.asarray(encoding.ids, dtype=dtype))
+                    pieces.append(eos)
         tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
         seq_len = data["seq_len"]
         num_sequences = len(tokens) // seq_len
@@ -153,6 +157,20 @@ class ShardWriter:
         }
         write_json_atomically(plan.folder / f"shard-{index:05d}.json", info)
         return info
+
+
+def _by_bytes(texts: Sequence[str], limit: int) -> Iterator[list[str]]:
+    """Consecutive runs of `texts` of about `limit` characters (at least one text each)."""
+    run: list[str] = []
+    size = 0
+    for text in texts:
+        if run and size + len(text) > limit:
+            yield run
+            run, size = [], 0
+        run.append(text)
+        size += len(text)
+    if run:
+        yield run
 
 
 def finalize(plan: Plan) -> Path:
