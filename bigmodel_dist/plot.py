@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 PANELS = (("loss", "eval/loss", "loss"), ("tokens_per_s", None, "tokens/s"), ("lr", None, "learning rate"))
 INCIDENT_STYLE = {"hang": ("X", "black"), "bad_node": ("s", "purple"), "straggler": ("v", "orange"),
-                  "skip": ("x", "red"), "rollback": ("<", "darkred")}
+                  "skip": ("x", "red"), "rollback": ("<", "darkred"), "mixture": ("d", "teal"),
+                  "resize": ("^", "green")}
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:

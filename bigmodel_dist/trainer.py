@@ -39,10 +39,12 @@ from bigmodel_dist.evaluation import Evaluator
 from bigmodel_dist.faults import Faults
 from bigmodel_dist.fileio import write_json_atomically, write_text_atomically
 from bigmodel_dist.metrics import MetricsLogger
+from bigmodel_dist.metrics_file import read_metrics
 from bigmodel_dist.models import build_model, weight_decay_groups
 from bigmodel_dist.preemption import FAILED_WRITE, StopController, StopSignals
 from bigmodel_dist.progress import ProgressRecorder
 from bigmodel_dist.resilience import GOOD_STEP, LossGuard, Verdict
+from bigmodel_dist.resize import resize_details
 from bigmodel_dist.runtime import (
     Runtime,
     backward_without_step,
@@ -114,6 +116,7 @@ class Trainer:
         self.resolved, self.cfg, self.facts, self.run_dir = resolved, resolved.config, facts, resolved.run_dir
         self.reporter = reporter
         self._unreported: dict[str, Any] = {}  # this step's metrics, for the reporter
+        self._conversion_s = 0.0  # universal-checkpoint conversion at start-up (a resume on another size)
         self.state = TrainState()
         self.guard = LossGuard(resolved.config.resilience, self.state)
         # Before the first collective: W&B may take seconds to start and no rank may wait on it.
@@ -163,7 +166,16 @@ class Trainer:
         self._resources.callback(lambda: self.loader.close())  # the loader of the moment (rollbacks renew it)
         self.evaluator = Evaluator(self.dataset.val, resolved.layout, facts.rank, self.cfg.train.eval_every,
                                    self.cfg.train.eval_batches)
+        history_before = read_metrics(self.run_dir / "metrics.jsonl") if facts.is_main else None
         self.metrics.mark_restart(self.state.step)
+        if resume is not None and history_before is not None and resume.meta["world_size"] != facts.world_size:
+            details = resize_details(resume.meta["world_size"], facts.world_size, self.state.step,
+                                     resume.train_state.get("stop_reason"), history_before, self._conversion_s)
+            log.warning("resized from %d to %d rank(s) at step %d (%s): %d step(s) redone, %.1f s since the last "
+                        "rank group's last line, %.1f s converting the checkpoint", details["old_size"],
+                        details["new_size"], self.state.step, details["reason"], details["lost_steps"],
+                        details["lost_s"], details["conversion_s"])
+            self.metrics.incident(self.state.step, "resize", **details)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -428,8 +440,12 @@ class Trainer:
             log.warning("checkpoint %s was written by %d rank(s) at ZeRO-%d; resuming on %d at ZeRO-%d through a "
                         "universal checkpoint", resume.path.name, resume.meta["world_size"], resume.meta["zero_stage"],
                         world, stage)
+        started = time.perf_counter()
         with self.progress.heartbeat("save", self.state.step):  # a conversion in a subprocess: minutes for big models
             path = on_rank0_then_shared(self.facts.is_main, lambda: convert_to_universal(resume.path, world, stage))
+        self._conversion_s = time.perf_counter() - started
+        if self.facts.is_main:
+            log.info("universal checkpoint ready in %.1f s (%s)", self._conversion_s, path)
         load_universal_checkpoints(accelerator)
         return path
 

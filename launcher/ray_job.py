@@ -28,6 +28,7 @@ from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
 from bigmodel_dist.precision import DeviceInfo
 from launcher.logs import setup_logging
+from launcher.ray_elastic import GrowWatcher, sizes_keeping_batch, wait_for_size, worker_resources
 from launcher.ray_stop import DriverStop, job_stop_wait_s, new_stop_file, stop_reason
 from launcher.run_inputs import prepare_for
 from launcher.user_errors import report_user_errors
@@ -62,23 +63,24 @@ def ray_workers_device(cfg: Config) -> DeviceInfo:
 
 
 def required_resources(cfg: Config) -> dict[str, float]:
-    ray_cfg = cfg.ray
-    needed = {"CPU": ray_cfg.num_workers * ray_cfg.cpus_per_worker}
-    if ray_cfg.use_gpu:
-        needed["GPU"] = ray_cfg.num_workers * ray_cfg.gpus_per_worker
-    return needed
+    """What the smallest allowed worker group needs (all of `ray.num_workers` when it is a number)."""
+    workers = min(sizes_keeping_batch(cfg))
+    return {name: workers * amount for name, amount in worker_resources(cfg).items()}
 
 
 def check_cluster_fits(cfg: Config, available: dict[str, float]) -> None:
     """Ray would wait forever for workers it cannot place: refuse with the numbers instead."""
+    workers = min(sizes_keeping_batch(cfg))
     for resource, amount in required_resources(cfg).items():
         have = available.get(resource, 0.0)
         if amount > have:
-            per_worker = cfg.ray.gpus_per_worker if resource == "GPU" else cfg.ray.cpus_per_worker
+            per_worker = worker_resources(cfg)[resource]
+            field = {"GPU": "ray.gpus_per_worker", "CPU": "ray.cpus_per_worker"}.get(
+                resource, f"ray.resources_per_worker.{resource}")
             raise UserInputError(
-                f"config field ray.num_workers: {cfg.ray.num_workers} workers x {per_worker:g} {resource} need "
-                f"{amount:g} {resource}, the Ray cluster has {have:g}; lower ray.num_workers "
-                f"(or ray.{'gpus' if resource == 'GPU' else 'cpus'}_per_worker) or add nodes")
+                f"config field ray.num_workers: {workers} workers x {per_worker:g} {resource} need "
+                f"{amount:g} {resource}, the Ray cluster has {have:g}; lower ray.num_workers (or {field}) or add "
+                "nodes")
 
 
 def connect(cfg: Config) -> None:
@@ -117,7 +119,7 @@ def connect(cfg: Config) -> None:
                              "to a running cluster or set ray.address") from None
 
 
-def build_trainer(resolved: ResolvedRun, stop_file: Path):
+def build_trainer(resolved: ResolvedRun, stop_file: Path, num_workers: int, max_failures: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -127,7 +129,7 @@ def build_trainer(resolved: ResolvedRun, stop_file: Path):
     from launcher.ray_worker import train_worker
 
     cfg, run_dir = resolved.config, resolved.run_dir
-    resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})}
+    resources = worker_resources(cfg)
     callbacks: list[Any] = []  # ray.tune.Callback
     if cfg.logging.wandb_mode != "disabled":
         callbacks.append(WandbOnController(run_dir, cfg.logging, to_dict(cfg), wandb_run_id(run_dir),
@@ -135,12 +137,12 @@ def build_trainer(resolved: ResolvedRun, stop_file: Path):
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "stop_file": str(stop_file)},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=storage_path(cfg, run_dir),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep or cfg.checkpoint.keep_last),
             callbacks=callbacks,
         ),
@@ -151,7 +153,7 @@ def run(config_path: str, overrides: list[str], stop: DriverStop) -> int:
     cfg = load_config(config_path, overrides)
     stop.watch(cfg.checkpoint.stop_signals)
     check_output_dir(cfg)
-    resolved = resolve_run(cfg, cfg.ray.num_workers, ray_workers_device(cfg))
+    resolved = resolve_run(cfg, max(sizes_keeping_batch(cfg)), ray_workers_device(cfg))
     _log_working_dir()
     connect(cfg)
     stop.reclaim()  # from Ray's SIGTERM handler, which would abort this driver mid-stop
@@ -159,14 +161,55 @@ def run(config_path: str, overrides: list[str], stop: DriverStop) -> int:
 
     check_cluster_fits(cfg, ray.cluster_resources())
     prepare_for(resolved)  # once, here: a progress bar in the job log and input errors before any worker
+    if cfg.ray.elastic:
+        return _train_elastic(resolved, stop)
     stop_file = new_stop_file(resolved.run_dir)
     try:
-        return _train(resolved, stop, stop_file)
+        return _train(resolved, stop, stop_file, cfg.ray.worker_range()[0], cfg.ray.max_failures)
     finally:
         stop_file.unlink(missing_ok=True)
 
 
-def _train(resolved: ResolvedRun, stop: DriverStop, stop_file: Path) -> int:
+def _train_elastic(resolved: ResolvedRun, stop: DriverStop) -> int:
+    """Attempts sized by the driver (launcher/ray_elastic.py): smaller after a lost worker, larger at a
+    checkpoint when the cluster can place more. Failures count against ray.max_failures here, since
+    Ray's own retry would wait for the lost worker's resources at the old size."""
+    cfg = resolved.config
+    sizes, per_worker = sizes_keeping_batch(cfg), worker_resources(cfg)
+    low, high = cfg.ray.worker_range()
+    log.info("elastic: %d..%d workers; sizes that keep the global batch %d: %s; grow at most every %.0f s",
+             low, high, cfg.train.global_batch_size, sizes, cfg.ray.grow_every_s)
+    failures, grow_after = 0, time.monotonic() + cfg.ray.grow_every_s
+    while True:
+        size = wait_for_size(sizes, per_worker, cfg.ray.elastic_wait_s, lambda: bool(stop.received))
+        if size is None:
+            log.warning("elastic: no worker group of %s fits the cluster%s; exit %d asks to requeue", sizes,
+                        "" if stop.received else f" after ray.elastic_wait_s={cfg.ray.elastic_wait_s:g}s",
+                        cfg.checkpoint.requeue_exit_code)
+            return cfg.checkpoint.requeue_exit_code
+        stop_file = new_stop_file(resolved.run_dir)
+        watcher = GrowWatcher(size, sizes, per_worker, stop_file, grow_after).start()
+        try:
+            code = _train(resolved, stop, stop_file, size, max_failures=0)
+        except Exception as exc:  # the group failed: a worker or node lost, or the trainer raised
+            from ray.train import TrainingFailedError
+
+            if not isinstance(exc, TrainingFailedError) or (0 <= cfg.ray.max_failures <= failures):
+                raise
+            failures += 1
+            log.warning("elastic: the worker group of %d failed (%s); attempt %d of %s on what the cluster can "
+                        "place now", size, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                        failures + 1, "unlimited" if cfg.ray.max_failures < 0 else cfg.ray.max_failures + 1)
+            continue
+        finally:
+            watcher.close()
+            stop_file.unlink(missing_ok=True)
+        if watcher.target is None or stop.received or code != cfg.checkpoint.requeue_exit_code:
+            return code
+        grow_after = time.monotonic() + cfg.ray.grow_every_s
+
+
+def _train(resolved: ResolvedRun, stop: DriverStop, stop_file: Path, num_workers: int, max_failures: int) -> int:
     cfg, run_dir = resolved.config, resolved.run_dir
     requeue_code = cfg.checkpoint.requeue_exit_code
     stop.attach(stop_file)
@@ -175,15 +218,15 @@ def _train(resolved: ResolvedRun, stop: DriverStop, stop_file: Path) -> int:
         log.warning("%s before training started: nothing new to save; exit %d asks to requeue", stop.received,
                     requeue_code)
         return requeue_code
-    log.info("Ray Train: %d workers (%s), max_failures=%d, run dir %s; stop file %s", cfg.ray.num_workers,
-             "GPU" if cfg.ray.use_gpu else "CPU", cfg.ray.max_failures, run_dir, stop_file.name)
+    log.info("Ray Train: %d workers (%s), max_failures=%d, run dir %s; stop file %s", num_workers,
+             "GPU" if cfg.ray.use_gpu else "CPU", max_failures, run_dir, stop_file.name)
     if wait_s is not None and wait_s < cfg.ray.stop_wait_s:
         log.warning("Ray kills this job %d s after `ray job stop` (RAY_JOB_STOP_WAIT_TIME_S), less than "
                     "ray.stop_wait_s=%d: its stop checkpoint may be cut short. Submit with `bigmodel launch ray`, "
                     "or add --runtime-env-json '{\"env_vars\": {\"RAY_JOB_STOP_WAIT_TIME_S\": \"%d\"}}'", wait_s,
                     cfg.ray.stop_wait_s, cfg.ray.stop_wait_s)
     started = time.time()
-    result = _fit_hearing_stops(build_trainer(resolved, stop_file), stop, wait_s)
+    result = _fit_hearing_stops(build_trainer(resolved, stop_file, num_workers, max_failures), stop, wait_s)
     if result.error is not None:  # fit() raises in current Ray; older versions return the error
         raise result.error
     stopped = _marker_since(run_dir / "STOPPED", started)

@@ -25,6 +25,7 @@ from bigmodel_dist.config import load_config
 from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.errors import UserInputError
 from launcher.logs import setup_logging
+from launcher.ray_elastic import sizes_keeping_batch
 from launcher.ray_job import ray_workers_device
 from launcher.ray_stop import STOP_WAIT_ENV
 
@@ -138,7 +139,7 @@ def launch_ray(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides = [*overrides, f"--output_dir={Path(cfg.output_dir).resolve()}"]
         log.info("output_dir %s -> %s (absolute, as the job needs)", cfg.output_dir, Path(cfg.output_dir).resolve())
         cfg = load_config(config, overrides)
-    resolve_run(cfg, cfg.ray.num_workers, ray_workers_device(cfg))
+    resolve_run(cfg, max(sizes_keeping_batch(cfg)), ray_workers_device(cfg))
     size = check_upload_size(working_dir)
     check_dashboard(args.address)
     args.working_dir = working_dir

@@ -109,8 +109,13 @@ def _coerce(annotation: Any, value: Any, path: str) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        (inner,) = [t for t in options if t is not type(None)]
-        return _coerce(inner, value, path)
+        inner = [t for t in options if t is not type(None)]
+        for option in inner[:-1]:  # the first type the value fits, in the order written (int | str)
+            try:
+                return _coerce(option, value, path)
+            except ConfigError:
+                continue
+        return _coerce(inner[-1], value, path)
     if origin is dict:
         key_type, value_type = typing.get_args(annotation)
         if not isinstance(value, dict):

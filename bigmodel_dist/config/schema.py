@@ -328,8 +328,10 @@ class LoggingConfig:
 class RayConfig:
     """Read by `python -m launcher.ray_job` only: the Ray Train scaling, failure and storage settings."""
 
-    num_workers: int = 2
-    """Ray Train workers (= data-parallel ranks), one per GPU on GPU clusters."""
+    num_workers: int | str = 2
+    """Ray Train workers (= data-parallel ranks), one per GPU on GPU clusters; `MIN..MAX` (e.g. "8..16")
+    trains elastically: on as many workers as the cluster can place, between the two, shrinking when a
+    worker or node is lost and growing back at a checkpoint (docs: README, Elastic training)."""
     use_gpu: bool = False
     """Give each worker `gpus_per_worker` GPUs (NCCL); False runs on CPUs (gloo)."""
     cpus_per_worker: float = 1.0
@@ -349,10 +351,43 @@ class RayConfig:
     stop_wait_s: int = 300
     """Seconds Ray waits after `ray job stop`'s SIGTERM before it SIGKILLs the job (RAY_JOB_STOP_WAIT_TIME_S,
     Ray's default 3; `bigmodel launch ray` sets it for the job): must cover one step and one checkpoint save."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker also needs (e.g. `{trainer_slot: 1}` to keep workers on the
+    nodes that advertise it)."""
+    grow_every_s: float = 600.0
+    """Elastic runs grow back (when the cluster can place more workers) at most once per this many
+    seconds, by saving a checkpoint and restarting the group larger from it."""
+    elastic_wait_s: float = 600.0
+    """An elastic run that cannot place even its minimum of workers waits this long for them, then exits
+    with checkpoint.requeue_exit_code (resubmitting resumes)."""
+
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers: both `num_workers` when it is a number."""
+        text = str(self.num_workers).strip()
+        low, sep, high = text.partition("..")
+        try:
+            bounds = (int(low), int(high)) if sep else (int(text), int(text))
+        except ValueError:
+            raise ConfigError("ray.num_workers", f"must be a number or MIN..MAX (e.g. 2..4), got {text!r}") from None
+        if bounds[0] < 1:
+            raise ConfigError("ray.num_workers", f"the minimum must be >= 1, got {bounds[0]}")
+        if bounds[0] > bounds[1]:
+            raise ConfigError("ray.num_workers", f"{text}: the minimum is larger than the maximum")
+        return bounds
+
+    @property
+    def elastic(self) -> bool:
+        low, high = self.worker_range()
+        return low < high
 
     def check(self) -> None:
-        _require_positive("ray", num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,
-                          connect_timeout_s=self.connect_timeout_s, stop_wait_s=self.stop_wait_s)
+        self.worker_range()
+        _require_positive("ray", cpus_per_worker=self.cpus_per_worker, connect_timeout_s=self.connect_timeout_s,
+                          stop_wait_s=self.stop_wait_s, grow_every_s=self.grow_every_s,
+                          elastic_wait_s=self.elastic_wait_s)
+        for name, amount in self.resources_per_worker.items():
+            if amount <= 0:
+                raise ConfigError(f"ray.resources_per_worker.{name}", f"must be > 0, got {amount}")
         if self.use_gpu:
             _require_positive("ray", gpus_per_worker=self.gpus_per_worker)
         if self.max_failures < -1:
