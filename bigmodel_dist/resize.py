@@ -7,12 +7,26 @@ universal-checkpoint conversion (cached, so only the first rank group on a new s
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from bigmodel_dist.metrics_file import LAUNCHER, MetricsHistory
 
 GROW_PREFIX = "grow"  # a stop reason that starts with it: the launcher stopped the run to grow it
+
+
+def stop_reason_at(run_dir: Path, step: int) -> str | None:
+    """Why the previous rank group stopped, when it stopped at `step` (its STOPPED marker): a periodic
+    checkpoint at the stop step is not saved again, so the checkpoint itself may not say it."""
+    try:
+        marker = json.loads((run_dir / "STOPPED").read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("step") != step:
+        return None
+    return marker.get("stop_request") or marker.get("stop_reason")
 
 
 def resize_details(old_size: int, new_size: int, resumed_step: int, stop_reason: str | None,

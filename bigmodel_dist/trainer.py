@@ -44,7 +44,7 @@ from bigmodel_dist.models import build_model, weight_decay_groups
 from bigmodel_dist.preemption import FAILED_WRITE, StopController, StopSignals
 from bigmodel_dist.progress import ProgressRecorder
 from bigmodel_dist.resilience import GOOD_STEP, LossGuard, Verdict
-from bigmodel_dist.resize import resize_details
+from bigmodel_dist.resize import resize_details, stop_reason_at
 from bigmodel_dist.runtime import (
     Runtime,
     backward_without_step,
@@ -64,6 +64,14 @@ from bigmodel_dist.train_state import TrainState
 from bigmodel_dist.window_metrics import LogWindow, WindowMetrics
 
 log = logging.getLogger(__name__)
+
+
+def _request_in(stop_file: str | None) -> str | None:
+    """What a launcher wrote into the stop file it asked for a stop with (e.g. "grow from 1 to 2 workers")."""
+    try:
+        return (Path(stop_file).read_text().strip() or None) if stop_file else None
+    except OSError:
+        return None
 
 
 def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -170,7 +178,7 @@ class Trainer:
         self.metrics.mark_restart(self.state.step)
         if resume is not None and history_before is not None and resume.meta["world_size"] != facts.world_size:
             details = resize_details(resume.meta["world_size"], facts.world_size, self.state.step,
-                                     resume.train_state.get("stop_reason"), history_before, self._conversion_s)
+                                     stop_reason_at(self.run_dir, self.state.step), history_before, self._conversion_s)
             log.warning("resized from %d to %d rank(s) at step %d (%s): %d step(s) redone, %.1f s since the last "
                         "rank group's last line, %.1f s converting the checkpoint", details["old_size"],
                         details["new_size"], self.state.step, details["reason"], details["lost_steps"],
@@ -501,7 +509,7 @@ class Trainer:
             # A marker the launcher reads: workers' exit codes do not survive torchrun (it exits 1).
             marker = "STOPPED" if self.state.stop_reason else "COMPLETED"
             done = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "finished_at": time.time(),
-                    "stop_reason": self.state.stop_reason}
+                    "stop_reason": self.state.stop_reason, "stop_request": _request_in(self.facts.stop_file)}
             write_text_atomically(self.run_dir / marker, json.dumps(done) + "\n")
             if self.state.stop_reason:
                 return

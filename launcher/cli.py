@@ -94,10 +94,14 @@ def _build_parser() -> argparse.ArgumentParser:
     local.add_argument("config")
     local.add_argument("--resume", help="latest (default), none, or a checkpoint directory")
     local.add_argument("--nproc-per-node", type=int, default=None, help="processes here (default: GPUs, or 2 on CPU)")
-    local.add_argument("--nnodes", type=int, default=1)
-    local.add_argument("--node-rank", type=int, default=0)
+    local.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for elastic training (torchrun's "
+                       "elastic rendezvous: a node that fails leaves, the rest go on; run this once per node)")
+    local.add_argument("--node-rank", type=int, default=0, help="this node's rank (fixed --nnodes only)")
     local.add_argument("--master-addr", default="127.0.0.1")
     local.add_argument("--master-port", type=int, default=29500)
+    local.add_argument("--max-restarts", type=int, default=3, help="worker-group restarts after a failure or a "
+                       "membership change (elastic --nnodes)")
+    local.add_argument("--rdzv-conf", default="", help="torchrun's --rdzv-conf, e.g. last_call_timeout=10")
     local.set_defaults(handler=_cmd_launch_local)
 
     slurm = backends.add_parser("slurm", help="sbatch slurm/pretrain_gpt.sh on this cluster", epilog=OVERRIDES_HELP)

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 from bigmodel_dist.config import load_config
+from bigmodel_dist.config.layout import sizes_keeping_batch
+from bigmodel_dist.config.schema import Config
 from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.distributed import STOP_FILE_ENV
 from bigmodel_dist.errors import UserInputError
@@ -46,17 +48,52 @@ def default_nproc_per_node(device: DeviceInfo) -> int:
     return torch.cuda.device_count()
 
 
-def torchrun_command(args: argparse.Namespace, nproc_per_node: int, overrides: list[str]) -> list[str]:
+def node_range(nnodes: str | int) -> tuple[int, int]:
+    """`--nnodes` as (min, max): "4" -> (4, 4), "2:4" -> (2, 4)."""
+    text = str(nnodes).strip()
+    low, sep, high = text.partition(":")
+    try:
+        bounds = (int(low), int(high)) if sep else (int(text), int(text))
+    except ValueError:
+        raise UserInputError(f"--nnodes {text!r}: give a number or MIN:MAX, e.g. 2:4") from None
+    if bounds[0] < 1 or bounds[0] > bounds[1]:
+        raise UserInputError(f"--nnodes {text}: needs 1 <= MIN <= MAX")
+    return bounds
+
+
+def world_sizes_keeping_batch(cfg: Config, nproc: int, nodes: tuple[int, int]) -> list[int]:
+    """World sizes of the node range that keep train.global_batch_size; refuses a range with none."""
+    sizes = sizes_keeping_batch(cfg.train, [count * nproc for count in range(nodes[0], nodes[1] + 1)])
+    if not sizes:
+        raise UserInputError(f"--nnodes {nodes[0]}:{nodes[1]}: no node count keeps train.global_batch_size="
+                             f"{cfg.train.global_batch_size} with {nproc} process(es) per node and micro batch "
+                             f"{cfg.train.micro_batch_size}; change the range or the global batch")
+    return sizes
+
+
+def torchrun_command(args: argparse.Namespace, nproc_per_node: int, overrides: list[str],
+                     run_name: str = "bigmodel") -> list[str]:
     command = [sys.executable, "-m", "launcher.torchrun", f"--nproc-per-node={nproc_per_node}"]
-    if args.nnodes == 1:
+    low, high = node_range(args.nnodes)
+    if high == 1:
         command += ["--standalone"]
-    else:
+    elif low == high:
         command += [
-            f"--nnodes={args.nnodes}",
+            f"--nnodes={high}",
             f"--node-rank={args.node_rank}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={args.master_addr}:{args.master_port}",
         ]
+    else:  # elastic: ranks are assigned at each rendezvous; the run name keeps other jobs' nodes out
+        command += [
+            f"--nnodes={low}:{high}",
+            f"--max-restarts={args.max_restarts}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.master_addr}:{args.master_port}",
+            f"--rdzv-id={run_name}",
+        ]
+    if getattr(args, "rdzv_conf", ""):
+        command += [f"--rdzv-conf={args.rdzv_conf}"]
     return command + ["-m", "launcher.cli", "train", args.config, *overrides]
 
 
@@ -76,10 +113,17 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
     setup_logging()
     device = detect_device()  # imports torch only where there is a GPU
     nproc = args.nproc_per_node or default_nproc_per_node(device)
-    if nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
-        raise UserInputError("--nproc-per-node and --nnodes must be >= 1 and 0 <= --node-rank < --nnodes")
+    nodes = node_range(args.nnodes)
+    if nproc < 1 or (nodes[0] == nodes[1] and not 0 <= args.node_rank < nodes[1]):
+        raise UserInputError("--nproc-per-node must be >= 1 and 0 <= --node-rank < --nnodes")
     overrides = [*overrides, *resume_override(args)]
-    resolved = resolve_run(load_config(args.config, overrides), nproc * args.nnodes, device)
+    config = load_config(args.config, overrides)
+    sizes = world_sizes_keeping_batch(config, nproc, nodes)
+    if nodes[0] < nodes[1]:
+        log.info("elastic: %d..%d node(s) of %d process(es); world sizes that keep the global batch %d: %s "
+                 "(others stop with an error naming train.global_batch_size)", *nodes, nproc,
+                 config.train.global_batch_size, sizes)
+    resolved = resolve_run(config, max(sizes), device)
     faults_from_env()  # a malformed or unallowed fault injection is refused here, in one line
     requeue_code = resolved.config.checkpoint.requeue_exit_code
     signals.watch(resolved.config.checkpoint.stop_signals)
@@ -90,7 +134,7 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
         from bigmodel_dist.planner import fit_warning
 
         memory = torch.cuda.get_device_properties(0).total_memory
-        warning = fit_warning(resolved, nproc * args.nnodes, memory, nodes=args.nnodes)
+        warning = fit_warning(resolved, max(sizes), memory, nodes=max(sizes) // nproc)
         if warning:
             log.warning(warning)
     prepare_for(resolved)  # here, not in the workers: a progress bar, and input errors before torchrun
@@ -98,7 +142,7 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
         log.warning("%s before training started: nothing new to save; exit %d asks to requeue",
                     signals.received, requeue_code)
         return requeue_code
-    command = torchrun_command(args, nproc, overrides)
+    command = torchrun_command(args, nproc, overrides, resolved.config.name)
     log.info("launching %d process(es) on this node: %s", nproc, " ".join(command))
     started = time.time()
     progress_dir = stop_file.parent / "progress"

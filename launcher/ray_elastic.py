@@ -24,27 +24,22 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from bigmodel_dist.config.layout import derive_batch_layout
+from bigmodel_dist.config.layout import sizes_keeping_batch as batch_keeping
 from bigmodel_dist.config.schema import Config
 from bigmodel_dist.errors import ConfigError
+from bigmodel_dist.resize import GROW_PREFIX
 from launcher.ray_stop import request_stop
 
 log = logging.getLogger(__name__)
 
 GROW_POLL_S = 2.0  # how often a running attempt below its maximum looks for free resources
-GROW_REASON = "grow"  # first word of the stop reason a grow request writes
+
 
 
 def sizes_keeping_batch(cfg: Config) -> list[int]:
     """Worker counts in `ray.num_workers` that keep the global batch; refuses a range with none."""
     low, high = cfg.ray.worker_range()
-    sizes = []
-    for size in range(low, high + 1):
-        try:
-            derive_batch_layout(cfg.train, size)
-        except ConfigError:
-            continue
-        sizes.append(size)
+    sizes = batch_keeping(cfg.train, range(low, high + 1))
     if not sizes:
         raise ConfigError("ray.num_workers", f"no size in {low}..{high} keeps train.global_batch_size="
                           f"{cfg.train.global_batch_size} (it must divide by micro_batch_size "
@@ -99,16 +94,27 @@ def wait_for_size(sizes: Sequence[int], per_worker: Mapping[str, float], wait_s:
         time.sleep(poll_s)
 
 
+def written_since(path: Path, since: float) -> Callable[[], bool]:
+    """True once `path` has been written after `since` (time.time())."""
+    def check() -> bool:
+        try:
+            return path.stat().st_mtime > since
+        except OSError:
+            return False
+    return check
+
+
 class GrowWatcher:
     """While an attempt runs with `size` workers, asks it to stop and save when a larger size that keeps
-    the batch fits in the free resources (its own workers' resources are busy, so free ones are extra),
-    no sooner than `not_before` (time.monotonic())."""
+    the batch fits in the free resources, no sooner than `not_before` (time.monotonic()) and only once
+    `placed()` says the attempt's own workers hold theirs (until then their resources look free)."""
 
     def __init__(self, size: int, sizes: Sequence[int], per_worker: Mapping[str, float], stop_file: Path,
-                 not_before: float, read_free: Callable[[], Mapping[str, Mapping[str, float]]] = free_resources_by_node,
+                 not_before: float, placed: Callable[[], bool],
+                 read_free: Callable[[], Mapping[str, Mapping[str, float]]] = free_resources_by_node,
                  poll_s: float = GROW_POLL_S):
         self.size, self.sizes, self.per_worker = size, list(sizes), dict(per_worker)
-        self.stop_file, self.not_before = stop_file, not_before
+        self.stop_file, self.not_before, self.placed = stop_file, not_before, placed
         self._read, self._poll_s = read_free, poll_s
         self.target: int | None = None  # the size it asked for
         self._done = threading.Event()
@@ -121,7 +127,7 @@ class GrowWatcher:
 
     def _watch(self) -> None:
         while not self._done.wait(self._poll_s):
-            if time.monotonic() < self.not_before:
+            if time.monotonic() < self.not_before or not self.placed():
                 continue
             try:
                 larger = best_size(self.sizes, self.size + placeable_workers(self._read(), self.per_worker))
@@ -132,7 +138,7 @@ class GrowWatcher:
                 self.target = larger
                 log.warning("elastic: the cluster can place %d workers now (running %d): saving a checkpoint and "
                             "restarting the group larger from it", larger, self.size)
-                request_stop(self.stop_file, f"{GROW_REASON} from {self.size} to {larger} workers")
+                request_stop(self.stop_file, f"{GROW_PREFIX} from {self.size} to {larger} workers")
                 return
 
     def close(self) -> None:

@@ -27,8 +27,15 @@ from bigmodel_dist.config.schema import Config
 from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
 from bigmodel_dist.precision import DeviceInfo
+from bigmodel_dist.resize import GROW_PREFIX
 from launcher.logs import setup_logging
-from launcher.ray_elastic import GrowWatcher, sizes_keeping_batch, wait_for_size, worker_resources
+from launcher.ray_elastic import (
+    GrowWatcher,
+    sizes_keeping_batch,
+    wait_for_size,
+    worker_resources,
+    written_since,
+)
 from launcher.ray_stop import DriverStop, job_stop_wait_s, new_stop_file, stop_reason
 from launcher.run_inputs import prepare_for
 from launcher.user_errors import report_user_errors
@@ -188,7 +195,9 @@ def _train_elastic(resolved: ResolvedRun, stop: DriverStop) -> int:
                         cfg.checkpoint.requeue_exit_code)
             return cfg.checkpoint.requeue_exit_code
         stop_file = new_stop_file(resolved.run_dir)
-        watcher = GrowWatcher(size, sizes, per_worker, stop_file, grow_after).start()
+        # The group holds its workers' resources once it writes metrics (Ray starts a group whole).
+        placed = written_since(resolved.run_dir / "metrics.jsonl", time.time())
+        watcher = GrowWatcher(size, sizes, per_worker, stop_file, grow_after, placed).start()
         try:
             code = _train(resolved, stop, stop_file, size, max_failures=0)
         except Exception as exc:  # the group failed: a worker or node lost, or the trainer raised
@@ -233,6 +242,9 @@ def _train(resolved: ResolvedRun, stop: DriverStop, stop_file: Path, num_workers
     if stopped is not None or (stop.received and _marker_since(run_dir / "COMPLETED", started) is None):
         at = _stopped_at(run_dir, stopped)
         why = stop_reason(stop_file) or (stopped or {}).get("stop_reason")
+        if (why or "").startswith(GROW_PREFIX) and not stop.received:
+            log.info("stopped %s to %s: the next worker group resumes there", at, why)
+            return requeue_code
         took = f", {time.monotonic() - stop.received_at:.1f} s after the signal" if stop.received_at else ""
         log.warning("stopped %s (%s)%s; exit %d asks to requeue: resubmitting run name %r resumes there", at, why,
                     took, requeue_code, cfg.name)

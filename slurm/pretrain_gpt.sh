@@ -8,6 +8,12 @@
 # (87) is requeued too, excluding the suspect nodes when the partition has others to spare. The codes
 # come from the config through the pre-flight. The run directory is keyed by the run name, so the
 # requeued job resumes where it stopped. Resources below are defaults: override them on the sbatch line.
+#
+# Elastic (BIGMODEL_ELASTIC_MIN_NODES=M, submitted with `sbatch --no-kill`): torchrun's elastic
+# rendezvous over M..SLURM_NNODES nodes; when a node fails, the others restart their workers on the
+# smaller world from the newest checkpoint (BIGMODEL_MAX_RESTARTS, default 3) and the job keeps its
+# allocation. Slurm cannot add nodes to a running job: it grows back only when requeued. The first node
+# hosts the rendezvous: losing it ends the step (then the job is requeued like any failure).
 #SBATCH --job-name=bigmodel-pretrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -21,6 +27,7 @@
 set -uo pipefail
 MAX_REQUEUES=${BIGMODEL_MAX_REQUEUES:-20}         # a job that keeps stopping is not requeued forever
 MODE=${BIGMODEL_SLURM_MODE:-torchrun}             # torchrun: one task per node | tasks: one task per GPU
+MIN_NODES=${BIGMODEL_ELASTIC_MIN_NODES:-}         # elastic below SLURM_NNODES (torchrun mode only)
 
 cd "${SLURM_SUBMIT_DIR:-.}"
 # Environment hook: modules, a virtualenv or a container set-up, sourced on the batch node.
@@ -34,7 +41,11 @@ fi
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 NPROC_PER_NODE=${BIGMODEL_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-export MASTER_ADDR MASTER_PORT NPROC_PER_NODE
+NNODES=$SLURM_NNODES; SRUN_ELASTIC=()
+if [[ -n "$MIN_NODES" && "$MODE" == torchrun ]]; then   # a failed node's task ends alone, the step goes on
+    NNODES="$MIN_NODES:$SLURM_NNODES"; SRUN_ELASTIC=(--no-kill --kill-on-bad-exit=0)
+fi
+export MASTER_ADDR MASTER_PORT NPROC_PER_NODE NNODES
 
 # All checks live in Python: versions, node list, config, GPUs per node. Exit 2 = do not retry.
 # Its one line of output: the config's requeue, hang and bad-node exit codes, whether to run the
@@ -67,9 +78,10 @@ elif [[ $CODE -eq 0 ]]; then
     if [[ "$MODE" == tasks ]]; then   # ranks from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS
         srun --ntasks-per-node="$NPROC_PER_NODE" --label python -m launcher.cli train "$@" &
     else
-        srun --ntasks-per-node=1 --label bash -c 'exec python -m launcher.cli launch local "$@" \
-            --nproc-per-node="$NPROC_PER_NODE" --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID" \
-            --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT"' bigmodel "$@" &
+        srun --ntasks-per-node=1 "${SRUN_ELASTIC[@]}" --label bash -c 'exec python -m launcher.cli launch local "$@" \
+            --nproc-per-node="$NPROC_PER_NODE" --nnodes="$NNODES" --node-rank="$SLURM_NODEID" \
+            --max-restarts="${BIGMODEL_MAX_RESTARTS:-3}" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT"' \
+            bigmodel "$@" &
     fi
     STEP_PID=$!
     while :; do

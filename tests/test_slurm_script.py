@@ -25,6 +25,7 @@ JOB_ID = "4242"
 # set) in the suspects file, as `bigmodel check` or the hang watchdog would.
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "srun $*" >> "$FAKE_CALLS"
+echo "env NNODES=${NNODES:-}" >> "$FAKE_CALLS"
 CODE=$FAKE_STEP_EXIT
 if [[ "$*" == *"launcher.cli check"* ]]; then
     CODE=${FAKE_CHECK_EXIT:-0}
@@ -94,6 +95,16 @@ def test_the_health_check_runs_on_every_node_before_training(tmp_path):
     assert f"suspects file {suspects}" in calls  # per attempt, beside the job's log
     result, calls = _run_script(tmp_path, 0, "--resilience.health_check=false")
     assert [call for call in calls if "launcher.cli check" in call] == [], calls
+
+
+def test_elastic_jobs_run_torchrun_over_a_node_range_and_survive_a_lost_node(tmp_path):
+    result, calls = _run_script(tmp_path, 0, BIGMODEL_ELASTIC_MIN_NODES="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (training,) = [call for call in calls if call.startswith("srun ") and "--no-kill" in call]
+    assert "--kill-on-bad-exit=0" in training, calls  # a failed node's task ends alone
+    assert "env NNODES=1:1" in calls and '--nnodes="$NNODES"' in "\n".join(calls), calls
+    result, calls = _run_script(tmp_path, 0)  # not elastic: a fixed node count, Slurm's default kill
+    assert "env NNODES=1" in calls and not any("--no-kill" in call for call in calls), calls
 
 
 def test_a_bad_node_is_requeued_without_that_node(tmp_path):

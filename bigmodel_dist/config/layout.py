@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bigmodel_dist.config.schema import TrainConfig
@@ -38,3 +39,15 @@ def derive_batch_layout(train: TrainConfig, data_parallel_size: int) -> BatchLay
             f"x grad_accum x world {data_parallel_size} (needs {grad_accum}); drop it to derive it",
         )
     return BatchLayout(train.global_batch_size, train.micro_batch_size, grad_accum, data_parallel_size)
+
+
+def sizes_keeping_batch(train: TrainConfig, data_parallel_sizes: Iterable[int]) -> list[int]:
+    """The sizes among these that keep the global batch (elastic runs resize only to those)."""
+    kept = []
+    for size in data_parallel_sizes:
+        try:
+            derive_batch_layout(train, size)
+        except ConfigError:
+            continue
+        kept.append(size)
+    return kept

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,55 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def start_node(resources: dict[str, float], num_cpus: int = 1, timeout_s: float = HANG_GUARD_S) -> subprocess.Popen:
+    """Another Ray node joining the head (same namespace, its own raylet), advertising `resources`;
+    returns once the head counts it. Stop it with `kill_node`: it is not below the head's PID."""
+    before = _alive_resources()
+    # Its own temp dir: raylets sharing one would share runtime_resources/, where each node's runtime-env
+    # agent deletes working-dir copies it no longer needs, also those another node's driver runs in.
+    temp_dir = Path(tempfile.mkdtemp(prefix="bmn", dir="/tmp"))  # short: unix socket paths
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_num_prestart_python_workers": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    node = subprocess.Popen(
+        [*netns_prefix(), _ray_binary(), "start", f"--address=127.0.0.1:{GCS_PORT}", "--node-ip-address=127.0.0.1",
+         f"--num-cpus={num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
+         "--object-store-memory=100000000", f"--temp-dir={temp_dir}", "--block", "--disable-usage-stats"],
+        stdout=open(temp_dir / "node.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    node.temp_dir = temp_dir  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout_s
+    wanted = {name.replace("_", "").lower(): before.get(name.replace("_", "").lower(), 0.0) + amount
+              for name, amount in resources.items()}
+    while any(_alive_resources().get(key, 0.0) < amount for key, amount in wanted.items()):
+        if node.poll() is not None or time.monotonic() > deadline:
+            kill_node(node)
+            raise RuntimeError(f"Ray node did not join (exit {node.poll()})")
+        time.sleep(0.5)
+    return node
+
+
+def kill_node(node: subprocess.Popen) -> None:
+    """The node dies as a machine would: SIGKILL to its raylet, its workers and every other process of it."""
+    _signal_all([node.pid, *_descendants(node.pid)], signal.SIGKILL)
+    node.wait()
+    shutil.rmtree(getattr(node, "temp_dir", ""), ignore_errors=True)
+
+
+def _alive_resources() -> dict[str, float]:
+    """Resources of the live nodes, summed, keyed in lower case without underscores (empty when the
+    dashboard does not answer)."""
+    probe = ("import json, urllib.request; nodes = json.load(urllib.request.urlopen("
+             f"'{ADDRESS}/nodes?view=summary', timeout=5)); "
+             "print(json.dumps([n['raylet']['resourcesTotal'] for n in nodes['data']['summary'] "
+             "if n['raylet']['state'] == 'ALIVE']))")
+    result = subprocess.run([*netns_prefix(), sys.executable, "-c", probe], capture_output=True, text=True)
+    total: dict[str, float] = {}
+    for node in json.loads(result.stdout) if result.returncode == 0 else []:
+        for name, amount in node.items():  # the dashboard spells them in camelCase: elastic_slot -> elasticSlot
+            key = name.replace("_", "").lower()
+            total[key] = total.get(key, 0.0) + amount
+    return total
 
 
 def worker_pids(head_pid: int) -> list[int]:
