@@ -18,7 +18,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_RESULTS = RESULTS / "quick"
 BENCHMARKS = ("trainer_overhead", "data_pipeline", "checkpoint", "planner_accuracy", "startup", "precision",
-              "resilience")
+              "resilience", "elastic")
 QUICK_ARGS = {
     "startup": ["--repeats", "1", "--no-cold"],
     "precision": ["--steps", "2", "--rounds", "1"],
@@ -27,6 +27,7 @@ QUICK_ARGS = {
     "checkpoint": ["--preset", "gpt2-tiny", "--repeats", "1"],
     "planner_accuracy": ["--quick"],
     "resilience": ["--blocks", "2", "--block-steps", "3", "--hang-timeout", "5", "--health-repeats", "1"],
+    "elastic": ["--preset", "gpt2-tiny", "--repeats", "1"],
 }
 
 

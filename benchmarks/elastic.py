@@ -1,0 +1,97 @@
+"""What a resize costs in checkpoint work (92M-parameter GPT-2, fp32, ZeRO-2, 2 ranks):
+
+the universal-checkpoint conversion a resume on another world size needs (DeepSpeed's
+`ds_to_universal` plus our additions, `bigmodel_dist/checkpoint/reshard.py`), timed for a shrink to 1
+rank and a grow to 4, each ÷ the plain synchronous save of the same checkpoint. Goal (report) <= 2.
+The conversion is cached per checkpoint and target size: only the first start on a new size pays it.
+
+    python -m benchmarks.elastic [--preset gpt2-124m] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.checkpoint import DEFAULT_PRESET, MODEL
+from benchmarks.report import report
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = (1, 4)  # world sizes converted to: a lost rank, and growing
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    from bigmodel_dist.checkpoint.reshard import convert_to_universal, universal_cache_dir
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.session import open_trainer
+
+    facts = facts_from_env()
+    cfg = load_config(None, [*MODEL, f"--model.preset={args.preset}", f"--output_dir={args.workdir}",
+                             f"--data.cache_dir={args.cache}", "--name=resize", "--train.max_steps=1",
+                             "--checkpoint.every=0", "--checkpoint.keep_last=100"])
+    with open_trainer(cfg, facts) as trainer:
+        trainer.train()  # one step: optimizer states exist
+        saves, paths = [], []
+        for i in range(args.repeats):
+            trainer.state.step = 100 + i
+            dist.barrier()
+            started = time.perf_counter()
+            paths.append(trainer.save_checkpoint())
+            saves.append(time.perf_counter() - started)
+        dist.barrier()
+    if not facts.is_main:
+        return
+    conversions: dict[int, list[float]] = {target: [] for target in TARGETS}
+    for path in paths:
+        for target in TARGETS:
+            started = time.perf_counter()
+            convert_to_universal(path, target, 2)
+            conversions[target].append(time.perf_counter() - started)
+        shutil.rmtree(universal_cache_dir(path), ignore_errors=True)  # the next repeat converts afresh
+    size = sum(p.stat().st_size for p in paths[0].rglob("*") if p.is_file())
+    Path(args.out).write_text(json.dumps({"saves": saves, "conversions": conversions, "bytes": size}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--workdir", default="")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help="model (default gpt2-124m: 92M with vocab 8192)")
+    parser.add_argument("--cache", default=str(REPO / "runs" / ".cache"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return 0
+    (REPO / "runs").mkdir(exist_ok=True)  # same disk as real runs
+    with tempfile.TemporaryDirectory(prefix="bench-elastic-", dir=REPO / "runs") as tmp:
+        out = Path(tmp) / "resize.json"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "-m", "benchmarks.elastic", "--worker", f"--out={out}", f"--workdir={tmp}",
+                        f"--repeats={args.repeats}", f"--cache={args.cache}", f"--preset={args.preset}"],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        measured = json.loads(out.read_text())
+    save = statistics.median(measured["saves"])
+    gb = measured["bytes"] / 1e9
+    rows = [{"figure": f"universal conversion to {target} rank(s) ÷ save", "ratio": statistics.median(times) / save,
+             "goal": "<= 2 (report)",
+             "detail": f"{statistics.median(times):.2f}s vs {save:.2f}s for {gb:.2f} GB (2 ranks, ZeRO-2)"}
+            for target, times in ((int(k), v) for k, v in measured["conversions"].items())]
+    report("elastic", f"resize cost ({args.preset} fp32, ZeRO-2, 2 ranks)", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
