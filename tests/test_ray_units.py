@@ -180,3 +180,47 @@ def test_stop_wait_comes_from_ray_and_launch_ray_sets_it_and_reports_a_stop_as_r
     assert finished_job_exit_code(1, None, 85) == 1  # the dashboard did not answer: what submit said
     with pytest.raises(ConfigError, match="ray.stop_wait_s"):
         load_config(REPO / "configs" / "gpt2-tiny.yaml", ["--ray.stop_wait_s=0"])
+
+
+def test_elastic_sizes_keep_the_global_batch_and_fit_node_by_node():
+    from launcher.ray_elastic import best_size, placeable_workers, sizes_keeping_batch
+
+    cfg = load_config(None, ["--train.global_batch_size=8", "--train.micro_batch_size=1", "--ray.num_workers=1..6"])
+    assert sizes_keeping_batch(cfg) == [1, 2, 4]  # 3, 5 and 6 would change the global batch
+    per_worker = {"CPU": 1.0, "slot": 1.0}
+    free = {"a": {"CPU": 3.0, "slot": 1.0}, "b": {"CPU": 0.5, "slot": 2.0}, "c": {"CPU": 2.0, "slot": 2.0}}
+    assert placeable_workers(free, per_worker) == 3  # a: 1 (slot), b: 0 (CPU), c: 2; never across nodes
+    assert best_size([1, 2, 4], 3) == 2 and best_size([2, 4], 1) is None
+    with pytest.raises(ConfigError, match="ray.num_workers"):
+        sizes_keeping_batch(load_config(None, ["--train.global_batch_size=8", "--train.micro_batch_size=1",
+                                               "--ray.num_workers=3..3"]))
+
+
+def test_the_grow_watcher_asks_for_a_stop_only_once_its_group_is_placed_and_a_larger_size_fits(tmp_path):
+    from launcher.ray_elastic import GrowWatcher
+
+    stop_file = tmp_path / "stop"
+    free = {"n1": {"CPU": 1.0}}  # room for one more worker: 2 + 1 = 3 does not keep the batch, 2 + 2 = 4 does
+    placed = {"yes": False}
+    watcher = GrowWatcher(2, [1, 2, 4], {"CPU": 1.0}, stop_file, not_before=0.0, placed=lambda: placed["yes"],
+                          read_free=lambda: free, poll_s=0.01).start()
+    try:
+        free["n2"] = {"CPU": 1.0}  # now 2 more fit, but the group is not placed yet: its own may look free
+        time.sleep(0.2)
+        assert not stop_file.exists()
+        placed["yes"] = True
+        deadline = time.monotonic() + 30  # guard only: the watcher polls every 10 ms
+        while not stop_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        watcher.close()
+    assert stop_reason(stop_file) == "grow from 2 to 4 workers" and watcher.target == 4
+
+
+def test_an_elastic_driver_that_cannot_place_its_minimum_gives_up_after_its_wait():
+    from launcher.ray_elastic import wait_for_size
+
+    assert wait_for_size([2, 4], {"CPU": 1.0}, wait_s=0.05, stopped=lambda: False,
+                         read_free=lambda: {"n1": {"CPU": 1.0}}, poll_s=0.01) is None
+    assert wait_for_size([2, 4], {"CPU": 1.0}, wait_s=0.05, stopped=lambda: False,
+                         read_free=lambda: {"n1": {"CPU": 3.0}}, poll_s=0.01) == 2
