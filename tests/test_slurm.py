@@ -93,88 +93,100 @@ def test_two_nodes_zero3_every_node_takes_part(slurm_cluster, tmp_path, data_cac
         assert re.search(r"^0: .*\[rank 0/2\]", log, re.M) and re.search(r"^1: ", log, re.M)
 
 
-def test_a_bad_node_is_requeued_elsewhere_and_the_run_finishes(slurm_cluster, tmp_path, data_cache, cli_env):
-    """The first attempt's health check finds a slow rank (injected, first attempt only): exit 87, the
-    job is requeued excluding that node, and the second attempt passes its check and trains."""
-    hook = tmp_path / "hook.sh"  # sourced by the batch script: the fault in the first attempt only
+def _first_attempt_fault(tmp_path: Path, name: str, faults: str, env) -> dict[str, str]:
+    """An environment whose batch script injects `faults` in the job's first attempt only."""
+    hook = tmp_path / f"{name}-hook.sh"  # sourced by the batch script
     hook.write_text('if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then\n'
-                    '  export BIGMODEL_FAULTS="slow_node:rank=1,factor=4" BIGMODEL_ALLOW_FAULTS=1\nfi\n')
-    env = {**cli_env, "BIGMODEL_ENV_HOOK": str(hook)}
-    job = _job_id(_submit(tmp_path, data_cache, env, "--nodes=1", "--nproc-per-node=2", "--name=bad",
-                          "--train.max_steps=2", "--resilience.health_check=true"))
-    run_dir = tmp_path / "bad"
-    assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
-    log = _log(run_dir, job)
+                    f'  export BIGMODEL_FAULTS="{faults}" BIGMODEL_ALLOW_FAULTS=1\nfi\n')
+    return {**env, "BIGMODEL_ENV_HOOK": str(hook)}
+
+
+def _first_and_other_node(log: str, job: str) -> tuple[str, str]:
     first = re.search(rf"job {job} \(restart 0\) on (n\d)", log).group(1)
-    other = {"n1": "n2", "n2": "n1"}[first]
+    return first, {"n1": "n2", "n2": "n1"}[first]
+
+
+def test_a_bad_node_and_a_hang_are_each_requeued_elsewhere_and_finish(slurm_cluster, tmp_path, data_cache, cli_env):
+    """Two jobs at once (each takes one CPU of a node; the requeues' waits overlap).
+
+    bad: the first attempt's health check finds a slow rank (injected, first attempt only): exit 87, the
+    job is requeued excluding that node, and the second attempt passes its check and trains.
+    hang: the first attempt's rank 1 hangs inside step 3 (injected, first attempt only): the node's
+    watchdog dumps the stacks and exits 86, the job is requeued excluding that node, and the second
+    attempt resumes from the step-2 checkpoint and finishes."""
+    bad = _job_id(_submit(tmp_path, data_cache, _first_attempt_fault(tmp_path, "bad", "slow_node:rank=1,factor=4",
+                                                                     cli_env),
+                          "--nodes=1", "--nproc-per-node=2", "--name=bad", "--train.max_steps=2",
+                          "--resilience.health_check=true"))
+    hang = _job_id(_submit(tmp_path, data_cache, _first_attempt_fault(tmp_path, "hang", "hang:rank=1,step=3", cli_env),
+                           "--nodes=1", "--nproc-per-node=2", "--name=hang", "--train.max_steps=4",
+                           "--checkpoint.every=2", "--resilience.hang_timeout_s=5"))
+    bad_dir, hang_dir = tmp_path / "bad", tmp_path / "hang"
+    assert _wait(bad) == "COMPLETED", _log(bad_dir, bad)[-3000:]
+    assert _wait(hang) == "COMPLETED", _log(hang_dir, hang)[-3000:]
+
+    log = _log(bad_dir, bad)
+    first, other = _first_and_other_node(log, bad)
     assert re.search(rf"health check: BAD rank 1 on host {first}", log), log[-3000:]
-    assert _job_field(job, "Restarts") == "1" and _job_field(job, "ExcNodeList") == first
-    assert f"job {job} (restart 1) on {other}" in log and "health check: 2 rank(s) of one node healthy" in log
-    assert (run_dir / "logs" / f"suspect-nodes-{job}-0.txt").read_text() == f"{first}\n"
-    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 2
-    assert len(list((run_dir / "logs").glob("health-*.json"))) == 2
+    assert _job_field(bad, "Restarts") == "1" and _job_field(bad, "ExcNodeList") == first
+    assert f"job {bad} (restart 1) on {other}" in log and "health check: 2 rank(s) of one node healthy" in log
+    assert (bad_dir / "logs" / f"suspect-nodes-{bad}-0.txt").read_text() == f"{first}\n"
+    assert json.loads((bad_dir / "COMPLETED").read_text())["step"] == 2
+    assert len(list((bad_dir / "logs").glob("health-*.json"))) == 2
 
-
-def test_a_hang_is_diagnosed_requeued_elsewhere_and_resumed(slurm_cluster, tmp_path, data_cache, cli_env):
-    """The first attempt's rank 1 hangs inside step 3 (injected, first attempt only): the node's watchdog
-    dumps the stacks and exits 86, the job is requeued excluding that node, and the second attempt
-    resumes from the step-2 checkpoint and finishes."""
-    hook = tmp_path / "hook.sh"
-    hook.write_text('if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then\n'
-                    '  export BIGMODEL_FAULTS="hang:rank=1,step=3" BIGMODEL_ALLOW_FAULTS=1\nfi\n')
-    env = {**cli_env, "BIGMODEL_ENV_HOOK": str(hook)}
-    job = _job_id(_submit(tmp_path, data_cache, env, "--nodes=1", "--nproc-per-node=2", "--name=hang",
-                          "--train.max_steps=4", "--checkpoint.every=2", "--resilience.hang_timeout_s=5"))
-    run_dir = tmp_path / "hang"
-    assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
-    log = _log(run_dir, job)
-    first = re.search(rf"job {job} \(restart 0\) on (n\d)", log).group(1)
-    other = {"n1": "n2", "n2": "n1"}[first]
+    log = _log(hang_dir, hang)
+    first, other = _first_and_other_node(log, hang)
     assert "hang: no progress on this node" in log and "behind the others: rank(s) 1" in log, log[-3000:]
-    assert _job_field(job, "Restarts") == "1" and _job_field(job, "ExcNodeList") == first
-    assert f"job {job} (restart 1) on {other}" in log and "at step 2" in log
-    (folder,) = (run_dir / "logs").glob(f"hang-*-{first}")
+    assert _job_field(hang, "Restarts") == "1" and _job_field(hang, "ExcNodeList") == first
+    assert f"job {hang} (restart 1) on {other}" in log and "at step 2" in log
+    (folder,) = (hang_dir / "logs").glob(f"hang-*-{first}")
     assert "_sleep_for_ever" in (folder / "rank-1.stacks.txt").read_text()
-    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 4
+    assert json.loads((hang_dir / "COMPLETED").read_text())["step"] == 4
 
 
 PREEMPT_RUN = ["--train.max_steps=30", "--checkpoint.every=0"]  # with _submit's overrides: conftest.RESUME_RUN
+PREEMPTIONS = {  # run name: how the running job is stopped
+    "usr1": ["scancel", "--batch", "--signal=USR1"],  # what --signal=B:USR1@grace sends before the time limit
+    "requeued": ["scontrol", "requeue"],  # an operator or the scheduler requeues it (SIGTERM to its processes)
+}
 
 
-@pytest.mark.parametrize("how", ["scancel-usr1", "scontrol-requeue"])
-def test_preempted_job_requeues_resumes_and_matches_the_straight_run(slurm_cluster, tmp_path, data_cache, cli_env,
-                                                                     straight_losses, how):
-    run_dir = tmp_path / "requeue"
-    job = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=2", "--name=requeue",
-                          "--logging.wandb_mode=offline", *PREEMPT_RUN))
-    metrics = run_dir / "metrics.jsonl"
+def _wait_for_losses(metrics: Path, count: int) -> None:
     deadline = time.monotonic() + HANG_GUARD_S
-    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= count):
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.5)
-    if how == "scancel-usr1":  # what --signal=B:USR1@grace sends before the time limit
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    else:  # an operator or the scheduler requeues the running job (SIGTERM to its processes)
-        subprocess.run(["scontrol", "requeue", job], check=True)
-    assert _wait(job, timeout=HANG_GUARD_S) == "COMPLETED", _log(run_dir, job)[-3000:]
-    assert _job_field(job, "Restarts") == "1"  # SLURM_RESTART_COUNT=1 in the second run
-    stopped = json.loads((run_dir / "STOPPED").read_text())
-    log = _log(run_dir, job)  # --open-mode=append: both runs in one file
-    assert f"at step {stopped['step']}" in log and "restart 1" in log
-    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 30
-    history = read_metrics(metrics)
-    assert [r["step"] for r in history.restarts] == [stopped["step"]]
-    # Equal to the straight run within 1e-3. Through `launch local` the same resume is bit-exact
-    # (tests/test_resume.py); after a Slurm requeue we measured up to 5e-5 after the resume step and
-    # have not yet found which part of the requeued job's environment changes the arithmetic.
-    resumed = history.series("loss")[1]
+
+
+def test_preempted_jobs_requeue_resume_and_match_the_straight_run(slurm_cluster, tmp_path, data_cache, cli_env,
+                                                                  straight_losses):
+    """Both kinds of preemption, as two jobs at once; the straight reference runs while they requeue."""
+    jobs = {name: _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=2", f"--name={name}",
+                                  "--logging.wandb_mode=offline", *PREEMPT_RUN)) for name in PREEMPTIONS}
+    for name, job in jobs.items():
+        _wait_for_losses(tmp_path / name / "metrics.jsonl", 3)
+        subprocess.run([*PREEMPTIONS[name], job], check=True)
     straight = [loss for _, loss in sorted(straight_losses(2).items())]
-    assert len(resumed) == len(straight) == 30
-    assert max(abs(a - b) for a, b in zip(resumed, straight)) < 1e-3
-    stop = stopped["step"]
-    assert resumed[:stop] == straight[:stop]  # before the stop: bit-exact
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
-    assert [p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True, True]
+    for name, job in jobs.items():
+        run_dir = tmp_path / name
+        assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
+        assert _job_field(job, "Restarts") == "1", name  # SLURM_RESTART_COUNT=1 in the second run
+        stopped = json.loads((run_dir / "STOPPED").read_text())
+        log = _log(run_dir, job)  # --open-mode=append: both runs in one file
+        assert f"at step {stopped['step']}" in log and "restart 1" in log, name
+        assert json.loads((run_dir / "COMPLETED").read_text())["step"] == 30, name
+        history = read_metrics(run_dir / "metrics.jsonl")
+        assert [r["step"] for r in history.restarts] == [stopped["step"]], name
+        # Equal to the straight run within 1e-3. Through `launch local` the same resume is bit-exact
+        # (tests/test_resume.py); after a Slurm requeue we measured up to 5e-5 after the resume step and
+        # have not yet found which part of the requeued job's environment changes the arithmetic.
+        resumed = history.series("loss")[1]
+        assert len(resumed) == len(straight) == 30, name
+        assert max(abs(a - b) for a, b in zip(resumed, straight)) < 1e-3, name
+        stop = stopped["step"]
+        assert resumed[:stop] == straight[:stop], name  # before the stop: bit-exact
+        run_id = (run_dir / "wandb_run_id").read_text().strip()
+        assert [p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True, True], name
 
 
 def test_bad_submissions_fail_clearly_without_requeue(slurm_cluster, tmp_path, data_cache, cli_env):
