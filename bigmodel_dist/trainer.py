@@ -22,6 +22,7 @@ from bigmodel_dist.config.loader import save_config, to_dict
 from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.config.validate import ResolvedRun
 from bigmodel_dist.data.dataset import MixedDataset, PackedDataset
+from bigmodel_dist.data.ledger import SampleLedger
 from bigmodel_dist.data.loader import BatchLoader
 from bigmodel_dist.data.mixture import (
     MixtureProgress,
@@ -125,6 +126,8 @@ class Trainer:
         self.reporter = reporter
         self._unreported: dict[str, Any] = {}  # this step's metrics, for the reporter
         self._conversion_s = 0.0  # universal-checkpoint conversion at start-up (a resume on another size)
+        self._ledger = SampleLedger.from_env(facts.rank, facts.world_size)  # opt-in audit of the samples read
+        self._resources.callback(self._ledger.close)
         self.state = TrainState()
         self.guard = LossGuard(resolved.config.resilience, self.state)
         # Before the first collective: W&B may take seconds to start and no rank may wait on it.
@@ -328,7 +331,8 @@ class Trainer:
                                                           segments, self.cfg.seed, self.dataset.seq_len)
         return BatchLoader(self.dataset.train, self.resolved.layout, self.facts.rank, self.cfg.seed,
                            start_step=self.state.step, prefetch=self.cfg.data.prefetch,
-                           pin_memory=torch.cuda.is_available(), skipped=self.state.skipped_ranges, read=read)
+                           pin_memory=torch.cuda.is_available(), skipped=self.state.skipped_ranges, read=read,
+                           ledger=self._ledger)
 
     def _sync_mixture(self) -> None:
         """The mixture's segments in the training state: the checkpoint's, switched to the config's

@@ -98,8 +98,13 @@ def check_dashboard(address: str, timeout_s: float = 10.0) -> None:
                              "--address / set RAY_ADDRESS to its dashboard, e.g. http://HEAD:8265") from None
 
 
+# The project's own switches set where `launch ray` runs reach the job's driver and workers too.
+PASSED_ENV = ("BIGMODEL_SAMPLE_LEDGER", "BIGMODEL_FAULTS", "BIGMODEL_ALLOW_FAULTS")
+
+
 def submit_command(args: argparse.Namespace, config: str, overrides: list[str], stop_wait_s: int) -> list[str]:
-    runtime_env = {"env_vars": {STOP_WAIT_ENV: str(stop_wait_s)}}  # read by the job's supervisor and driver
+    passed = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+    runtime_env = {"env_vars": {STOP_WAIT_ENV: str(stop_wait_s), **passed}}  # read by the job's supervisor and driver
     command = ["ray", "job", "submit", "--address", args.address, "--working-dir", str(args.working_dir),
                "--runtime-env-json", json.dumps(runtime_env)]
     if args.no_wait:

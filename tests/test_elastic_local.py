@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bigmodel_dist.data.ledger import LEDGER_ENV, samples_by_step
 from bigmodel_dist.metrics_file import read_metrics
 from launcher.local import child_pids
 from launcher.ports import free_port
@@ -70,7 +71,8 @@ def test_a_node_that_dies_leaves_and_the_other_finishes_at_the_smaller_size(tmp_
                            "--train.precision=fp32", f"--train.max_steps={STEPS}", f"--checkpoint.every={EVERY}",
                            "--train.eval_every=0", "--model.dropout=0.0", "--deepspeed.config=zero2"])
     run_dir = tmp_path / "elastic"
-    nodes = [Launch(command, cli_env), Launch(command, cli_env)]
+    env = {**cli_env, LEDGER_ENV: str(tmp_path / "ledger")}  # every rank's samples, per step
+    nodes = [Launch(command, env), Launch(command, env)]
     try:
         # a checkpoint written by the two nodes together (if one came late, torchrun restarted to take it in)
         _wait_until(lambda: any(_world_of(p) == 2 for p in (run_dir / "checkpoints").glob("step_*")),
@@ -98,6 +100,8 @@ def test_a_node_that_dies_leaves_and_the_other_finishes_at_the_smaller_size(tmp_
     assert steps == list(range(1, STEPS + 1))
     final = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "bigmodel_meta.json").read_text())
     assert final["world_size"] == 1 and final["train_state"]["samples_seen"] == STEPS * BATCH  # the global batch kept
+    counted = samples_by_step(tmp_path / "ledger")  # per-sample ids: each once, in order, at both sizes
+    assert [counted[step] for step in sorted(counted)] == [list(range(s * BATCH, (s + 1) * BATCH)) for s in range(STEPS)]
 
 
 @pytest.mark.parametrize("nnodes, needle", [("2:1", "--nnodes 2:1"), ("0:2", "--nnodes 0:2"),

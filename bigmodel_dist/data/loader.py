@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bigmodel_dist.config.layout import BatchLayout
+from bigmodel_dist.data.ledger import SampleLedger
 from bigmodel_dist.data.sampler import ShuffledOrder, micro_batch_indices
 
 
@@ -35,7 +36,7 @@ class BatchLoader:
 
     def __init__(self, rows, layout: BatchLayout, rank: int, seed: int, start_step: int = 0,
                  prefetch: int = 4, pin_memory: bool = False, skipped: Sequence[Sequence[int]] = (),
-                 read: Callable[[int], np.ndarray] | None = None):
+                 read: Callable[[int], np.ndarray] | None = None, ledger: SampleLedger | None = None):
         """`rows`: one pool of sequences, read in a seeded per-epoch order; or `read(g)` gives global
         sample g's sequence (a mixture of sources) and `rows` is not used."""
         self._layout, self._rank = layout, rank
@@ -44,6 +45,7 @@ class BatchLoader:
             order = ShuffledOrder(len(rows), seed)
             read = lambda i: rows[order[i]]  # noqa: E731
         self._read = read
+        self._ledger = ledger  # opt-in audit of the samples read (data/ledger.py)
         self._pin = pin_memory
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -83,6 +85,8 @@ class BatchLoader:
         if isinstance(batch, BaseException):
             raise batch
         assert (got_step, got_micro) == (step, micro_step), f"loader at {(got_step, got_micro)}, trainer at {(step, micro_step)}"
+        if self._ledger is not None:
+            self._ledger.record(step, micro_step, self.indices(step, micro_step))
         return batch
 
     def close(self) -> None:

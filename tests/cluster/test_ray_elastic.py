@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bigmodel_dist.data.ledger import LEDGER_ENV, samples_by_step
 from bigmodel_dist.metrics_file import read_metrics
 
 from ..cli import assert_one_line_error, cli_command, run_cli
@@ -78,7 +79,8 @@ def test_a_lost_node_shrinks_the_group_and_a_new_one_grows_it_at_a_checkpoint(ra
         launch = ["launch", "ray", "configs/gpt2-tiny.yaml", "--address", ray_cluster.address,
                   *_overrides(out, data_cache, "elastic"), "--ray.num_workers=1..2",
                   f"--ray.resources_per_worker.{SLOT}=1", "--ray.grow_every_s=1", "--ray.max_failures=2"]
-        job = subprocess.Popen([*netns_prefix(), *cli_command(launch)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+        env = {**_env(), LEDGER_ENV: str(tmp_path / "ledger")}  # every rank's samples, per step
+        job = subprocess.Popen([*netns_prefix(), *cli_command(launch)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
         _wait_until(lambda: read_metrics(run_dir / "metrics.jsonl").last_step() >= 2, "step 2 on one worker", job)
         second = start_node({SLOT: 1})  # room for a second worker: the group grows at its next step
@@ -112,7 +114,9 @@ def test_a_lost_node_shrinks_the_group_and_a_new_one_grows_it_at_a_checkpoint(ra
     _, expected = read_metrics(reference / "metrics.jsonl").series("loss")
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(losses, expected, strict=True)), (losses, expected)
     meta = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "bigmodel_meta.json").read_text())
-    assert meta["train_state"]["samples_seen"] == STEPS * BATCH  # the cursor: every sample once
+    assert meta["train_state"]["samples_seen"] == STEPS * BATCH  # the cursor
+    counted = samples_by_step(tmp_path / "ledger")  # per-sample ids: each once, in order, at every size
+    assert [counted[step] for step in sorted(counted)] == [list(range(s * BATCH, (s + 1) * BATCH)) for s in range(STEPS)]
 
 
 @pytest.mark.parametrize("workers, field", [("3..1", "ray.num_workers"), ("0..2", "ray.num_workers"),
