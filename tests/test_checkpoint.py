@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -67,23 +68,26 @@ def test_retention_keeps_last_n_and_every_kth(tmp_path, data_cache):
 def test_bad_checkpoints_and_mismatched_configs_are_refused(tmp_path, data_cache, cli_env):
     base = ["train", TINY_CONFIG, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=run",
             "--train.eval_every=0"]
-
-    def refused(*args: str, needles: tuple[str, ...]) -> None:  # after the start-up it logged
-        assert_one_line_error(run_cli([*base, *args], cwd=tmp_path, env=cli_env), *needles, after_logs=True)
-
     first = run_cli([*base, "--train.max_steps=2"], cwd=tmp_path, env=cli_env)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
     before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
-
-    refused(f"--resume={tmp_path}", needles=(str(tmp_path), "bigmodel_meta.json"))
-    refused("--resume=none", needles=("checkpoint.resume=none", "step_00000002"))
-    refused("--train.max_steps=4", "--model.vocab_size=1024", needles=("step_00000002", "vocab_size"))
     meta = json.loads((ckpt / "bigmodel_meta.json").read_text())
     newer = tmp_path / "newer"
     newer.mkdir()
     (newer / "bigmodel_meta.json").write_text(json.dumps({**meta, "format_version": 99}))
-    refused(f"--resume={newer}", needles=("format 99", "upgrade"))
+
+    refusals = {  # arguments: what the one error line names (after the start-up it logged)
+        (f"--resume={tmp_path}",): (str(tmp_path), "bigmodel_meta.json"),
+        ("--resume=none",): ("checkpoint.resume=none", "step_00000002"),
+        ("--train.max_steps=4", "--model.vocab_size=1024"): ("step_00000002", "vocab_size"),
+        (f"--resume={newer}",): ("format 99", "upgrade"),
+    }
+    # Independent refusals, each a fresh interpreter: started at once, their start-ups overlap.
+    with ThreadPoolExecutor(len(refusals)) as pool:
+        results = pool.map(lambda args: run_cli([*base, *args], cwd=tmp_path, env=cli_env), refusals)
+        for needles, result in zip(refusals.values(), results):
+            assert_one_line_error(result, *needles, after_logs=True)
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before  # nothing touched
 
 
