@@ -127,7 +127,7 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
     faults_from_env()  # a malformed or unallowed fault injection is refused here, in one line
     requeue_code = resolved.config.checkpoint.requeue_exit_code
     signals.watch(resolved.config.checkpoint.stop_signals)
-    log.info("config checked for %d process(es) on %s; checking the data", nproc * args.nnodes, device.name)
+    log.info("config checked for %d process(es) on %s; checking the data", max(sizes), device.name)
     if device.has_cuda:
         import torch
 
