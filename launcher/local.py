@@ -62,7 +62,10 @@ def node_range(nnodes: str | int) -> tuple[int, int]:
 
 
 def world_sizes_keeping_batch(cfg: Config, nproc: int, nodes: tuple[int, int]) -> list[int]:
-    """World sizes of the node range that keep train.global_batch_size; refuses a range with none."""
+    """World sizes of the node range that keep train.global_batch_size; refuses a range with none (a fixed
+    count is left to `resolve_run`, whose error names the batch fields)."""
+    if nodes[0] == nodes[1]:
+        return [nodes[0] * nproc]
     sizes = sizes_keeping_batch(cfg.train, [count * nproc for count in range(nodes[0], nodes[1] + 1)])
     if not sizes:
         raise UserInputError(f"--nnodes {nodes[0]}:{nodes[1]}: no node count keeps train.global_batch_size="

@@ -37,8 +37,11 @@ GROW_POLL_S = 2.0  # how often a running attempt below its maximum looks for fre
 
 
 def sizes_keeping_batch(cfg: Config) -> list[int]:
-    """Worker counts in `ray.num_workers` that keep the global batch; refuses a range with none."""
+    """Worker counts in `ray.num_workers` that keep the global batch; refuses a range with none (a fixed
+    count is left to `resolve_run`, whose error names the batch fields)."""
     low, high = cfg.ray.worker_range()
+    if low == high:  # not elastic: resolve_run says what the batch arithmetic needs
+        return [low]
     sizes = batch_keeping(cfg.train, range(low, high + 1))
     if not sizes:
         raise ConfigError("ray.num_workers", f"no size in {low}..{high} keeps train.global_batch_size="
