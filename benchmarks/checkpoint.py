@@ -107,15 +107,21 @@ def _first_step_seconds(workdir: Path, cache: str, steps: int, preset: str) -> f
     return min(r["time"] for r in records if "loss" in r and r["time"] >= started) - started
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def saving_benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that saves the 92M model from 2 ranks (this one, benchmarks/elastic.py):
+    the public ones and those its torchrun worker processes get."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="")
     parser.add_argument("--workdir", default="")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--preset", default=DEFAULT_PRESET, help="model (default gpt2-124m: 92M with vocab 8192)")
     parser.add_argument("--cache", default=str(REPO / "runs" / ".cache"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = saving_benchmark_parser(__doc__.splitlines()[0]).parse_args(argv)
     if args.worker:
         _worker(args)
         return 0

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.checkpoint import DEFAULT_PRESET, MODEL
+from benchmarks.checkpoint import MODEL, saving_benchmark_parser
 from benchmarks.report import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,14 +64,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="")
-    parser.add_argument("--workdir", default="")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--preset", default=DEFAULT_PRESET, help="model (default gpt2-124m: 92M with vocab 8192)")
-    parser.add_argument("--cache", default=str(REPO / "runs" / ".cache"))
-    args = parser.parse_args(argv)
+    args = saving_benchmark_parser(__doc__.splitlines()[0]).parse_args(argv)
     if args.worker:
         _worker(args)
         return 0

@@ -50,6 +50,16 @@ class RayCluster:
                               timeout=timeout)
 
 
+def job_env() -> dict[str, str]:
+    """Environment for `ray job submit` / `bigmodel launch ray` in a test: this interpreter's scripts
+    first, quiet W&B, and no RAY_ADDRESS from outside (the tests name the address)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["WANDB_SILENT"] = "true"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def _ray_binary() -> str:
     return str(Path(sys.executable).parent / "ray")
 

@@ -27,20 +27,12 @@ from bigmodel_dist.metrics_file import read_metrics
 from ..cli import assert_one_line_error, cli_command, run_cli, run_command
 from ..conftest import REPO, TINY
 from ..guards import HANG_GUARD_S
-from .ray_cluster import listening_sockets, netns_prefix, worker_pids
+from .ray_cluster import job_env, listening_sockets, netns_prefix, worker_pids
 
 pytestmark = pytest.mark.distributed
 
 STEPS, EVERY = 10, 4
 JUNK_MIB = 60  # per junk file: data + checkpoints in the repo copy add up to more than Ray's 100 MiB limit
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["WANDB_SILENT"] = "true"
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 def _overrides(out: Path, data_cache: Path, name: str, *extra: str) -> list[str]:
@@ -56,11 +48,11 @@ def _submit_command(cluster, workdir: Path, overrides: list[str], *flags: str) -
 
 
 def _submit(cluster, workdir: Path, overrides: list[str], *flags: str) -> subprocess.CompletedProcess:
-    return cluster.run(_submit_command(cluster, workdir, overrides, *flags), env=_env(), timeout=HANG_GUARD_S)
+    return cluster.run(_submit_command(cluster, workdir, overrides, *flags), env=job_env(), timeout=HANG_GUARD_S)
 
 
 def _submit_in_background(cluster, workdir: Path, overrides: list[str], *flags: str) -> subprocess.Popen:
-    return subprocess.Popen([*netns_prefix(), *_submit_command(cluster, workdir, overrides, *flags)], env=_env(),
+    return subprocess.Popen([*netns_prefix(), *_submit_command(cluster, workdir, overrides, *flags)], env=job_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -109,7 +101,7 @@ def reference_runs(ray_cluster, workdir, tmp_path_factory, data_cache) -> dict:
     out = tmp_path_factory.mktemp("ray-runs")
     launch = ["launch", "ray", "configs/gpt2-tiny.yaml", "--address", ray_cluster.address,
               *_overrides(out, data_cache, "zero2", "--deepspeed.config=zero2")]
-    return {"out": out, "zero2": run_cli(launch, cwd=workdir, env=_env(), prefix=netns_prefix())}
+    return {"out": out, "zero2": run_cli(launch, cwd=workdir, env=job_env(), prefix=netns_prefix())}
 
 
 def _check_finished_run(run_dir: Path, stage: int, kept: tuple[int, ...] = (4, 8, 10)) -> None:
@@ -195,7 +187,7 @@ def test_ray_job_stop_mid_interval_saves_that_step_and_the_resubmission_resumes_
     overrides = _overrides(out, data_cache, "stopped", "--deepspeed.config=zero2")
     launch = ["launch", "ray", "configs/gpt2-tiny.yaml", "--address", ray_cluster.address,
               "--submission-id", "bigmodel-stop-1", *overrides]  # sets ray.stop_wait_s (300 s) for the job
-    job = subprocess.Popen([*netns_prefix(), *cli_command(launch)], cwd=workdir, env=_env(), stdout=subprocess.PIPE,
+    job = subprocess.Popen([*netns_prefix(), *cli_command(launch)], cwd=workdir, env=job_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     _wait_until(lambda: read_metrics(run_dir / "metrics.jsonl").last_step() >= EVERY + 1, "step 5 logged", job)
     workers = worker_pids(ray_cluster.head_pid)
@@ -203,7 +195,7 @@ def test_ray_job_stop_mid_interval_saves_that_step_and_the_resubmission_resumes_
     _signal_all(workers, signal.SIGSTOP)
     try:
         stop = ray_cluster.run(["ray", "job", "stop", "--no-wait", "--address", ray_cluster.address,
-                                "bigmodel-stop-1"], env=_env(), timeout=HANG_GUARD_S)  # it would wait for the end
+                                "bigmodel-stop-1"], env=job_env(), timeout=HANG_GUARD_S)  # it would wait for the end
         assert stop.returncode == 0, stop.stdout + stop.stderr
         _wait_until(lambda: any((run_dir / "ray").glob("stop-*")), "stop file from the driver", job)
     finally:
@@ -216,7 +208,7 @@ def test_ray_job_stop_mid_interval_saves_that_step_and_the_resubmission_resumes_
             in output), output[-6000:]
     assert " s after the signal; exit 85 asks to requeue" in output
     status = ray_cluster.run(["ray", "job", "status", "--address", ray_cluster.address, "bigmodel-stop-1"],
-                             env=_env(), timeout=HANG_GUARD_S)
+                             env=job_env(), timeout=HANG_GUARD_S)
     assert "was stopped" in status.stdout + status.stderr
     marker = json.loads((run_dir / "STOPPED").read_text())
     assert (marker["step"], marker["stop_reason"]) == (stop_step, "signal")
@@ -242,19 +234,19 @@ def test_bad_ray_inputs_fail_fast_with_one_line(ray_cluster, workdir, tmp_path, 
 
     launch = ["launch", "ray", "configs/gpt2-tiny.yaml", *overrides]
     # no cluster at the address
-    nobody = run_cli([*launch, "--address", "http://127.0.0.1:9"], cwd=workdir, env=_env())
+    nobody = run_cli([*launch, "--address", "http://127.0.0.1:9"], cwd=workdir, env=job_env())
     assert_one_line_error(nobody, "no Ray cluster answers at http://127.0.0.1:9")
     # a working dir over Ray's upload limit (a big file no ignore file names)
     big = tmp_path / "big-repo"
     shutil.copytree(workdir / "configs", big / "configs")
     (big / "corpus.txt").write_bytes(os.urandom(101 * 2**20))
-    over = run_cli([*launch, "--working-dir", str(big)], cwd=big, env=_env())
+    over = run_cli([*launch, "--working-dir", str(big)], cwd=big, env=job_env())
     assert_one_line_error(over, "over Ray's 100 MiB limit (largest: corpus.txt")
     # a relative output_dir would be lost with Ray's copy of the working dir
     ray_job = [sys.executable, "-m", "launcher.ray_job", "configs/gpt2-tiny.yaml"]
-    relative = run_command(ray_job, cwd=workdir, env=_env())
+    relative = run_command(ray_job, cwd=workdir, env=job_env())
     assert_one_line_error(relative, "config field output_dir: 'runs' is relative")
     # a cluster address where nobody listens: an error, not a hang
     unreachable = run_command([*ray_job, f"--output_dir={tmp_path}", "--ray.address=127.0.0.1:1"], cwd=workdir,
-                              env=_env())
+                              env=job_env())
     assert_one_line_error(unreachable, "no Ray cluster at 127.0.0.1:1", after_logs=True)
