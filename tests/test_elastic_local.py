@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -39,11 +38,20 @@ def _tree(pid: int) -> list[int]:
 
 
 def _listener_of(port: int) -> int | None:
-    """The PID listening on 127.0.0.1:`port` (the rendezvous store's host), from `ss`."""
-    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if "pid=" in line:
-            return int(line.split("pid=")[1].split(",")[0])
+    """The PID listening on TCP `port` (the rendezvous store's host), from /proc: no tool needed."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(fields[9])
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return int(fd.parts[2])
     return None
 
 
