@@ -177,9 +177,11 @@ class Trainer:
         self._resources.callback(lambda: self.loader.close())  # the loader of the moment (rollbacks renew it)
         self.evaluator = Evaluator(self.dataset.val, resolved.layout, facts.rank, self.cfg.train.eval_every,
                                    self.cfg.train.eval_batches)
-        history_before = read_metrics(self.run_dir / "metrics.jsonl") if facts.is_main else None
+        resized = resume is not None and resume.meta["world_size"] != facts.world_size and facts.is_main
+        # Read before the restart marker below: the last line the previous rank group wrote.
+        history_before = read_metrics(self.run_dir / "metrics.jsonl") if resized else None
         self.metrics.mark_restart(self.state.step)
-        if resume is not None and history_before is not None and resume.meta["world_size"] != facts.world_size:
+        if resume is not None and history_before is not None:
             details = resize_details(resume.meta["world_size"], facts.world_size, self.state.step,
                                      stop_reason_at(self.run_dir, self.state.step), history_before, self._conversion_s)
             log.warning("resized from %d to %d rank(s) at step %d (%s): %d step(s) redone, %.1f s since the last "
@@ -343,19 +345,17 @@ class Trainer:
         weights = tuple(data.source_weights().values())
         budgets = budgets_in_sequences([s.max_tokens for s in data.sources], [s.max_epochs for s in data.sources],
                                        [len(rows) for rows in self.dataset.sources], self.dataset.seq_len)
-        segments = [Segment.from_dict(s) for s in self.state.mixture]
-        if not segments:
-            segments = [Segment(0, weights, (0,) * len(weights), data.mixture_window, budgets)]
-        elif (segments[-1].weights, segments[-1].window, segments[-1].budgets) != (weights, data.mixture_window,
-                                                                                   budgets):
+        segments = [Segment.from_dict(s) for s in self.state.mixture] or \
+            [Segment(0, weights, (0,) * len(weights), data.mixture_window, budgets)]
+        schedule = MixtureSchedule(segments, self.cfg.seed)
+        if (segments[-1].weights, segments[-1].window, segments[-1].budgets) != (weights, data.mixture_window, budgets):
             at = self.state.samples_seen
-            schedule = MixtureSchedule(segments, self.cfg.seed)
-            segments = schedule.switched(weights, data.mixture_window, at, budgets).saved
+            schedule = schedule.switched(weights, data.mixture_window, at, budgets)
             self.metrics.incident(self.state.step, "mixture", at_sample=at, window=data.mixture_window,
                                   weights=dict(zip(data.source_weights(), weights)),
                                   budgets=dict(zip(data.source_weights(), budgets)))
-        self.state.mixture = [s.as_dict() for s in segments]
-        self._check_budgets_last(MixtureSchedule(segments, self.cfg.seed))
+        self.state.mixture = [s.as_dict() for s in schedule.saved]
+        self._check_budgets_last(schedule)
 
     def _check_budgets_last(self, schedule: MixtureSchedule) -> None:
         """Every budget spent before the run's last step would leave steps without data: refuse now."""
