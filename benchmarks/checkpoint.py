@@ -120,6 +120,14 @@ def saving_benchmark_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def run_saving_workers(module: str, args: argparse.Namespace, out: Path, workdir: Path) -> None:
+    """`module --worker` on 2 torchrun ranks (one thread each), passing on the parsed options."""
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    "-m", module, "--worker", f"--out={out}", f"--workdir={workdir}", f"--repeats={args.repeats}",
+                    f"--cache={args.cache}", f"--preset={args.preset}"],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = saving_benchmark_parser(__doc__.splitlines()[0]).parse_args(argv)
     if args.worker:
@@ -129,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=REPO / "runs") as tmp:
         work = Path(tmp)
         out = work / "save.json"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        "-m", "benchmarks.checkpoint", "--worker", f"--out={out}", f"--workdir={work}",
-                        f"--repeats={args.repeats}", f"--cache={args.cache}", f"--preset={args.preset}"],
-                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        run_saving_workers("benchmarks.checkpoint", args, out, work)
         save = json.loads(out.read_text())
         disk = _disk_bandwidth(work)
         cold = _first_step_seconds(work, args.cache, steps=2, preset=args.preset)

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.checkpoint import MODEL, saving_benchmark_parser
+from benchmarks.checkpoint import MODEL, run_saving_workers, saving_benchmark_parser
 from benchmarks.report import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     (REPO / "runs").mkdir(exist_ok=True)  # same disk as real runs
     with tempfile.TemporaryDirectory(prefix="bench-elastic-", dir=REPO / "runs") as tmp:
         out = Path(tmp) / "resize.json"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        "-m", "benchmarks.elastic", "--worker", f"--out={out}", f"--workdir={tmp}",
-                        f"--repeats={args.repeats}", f"--cache={args.cache}", f"--preset={args.preset}"],
-                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        run_saving_workers("benchmarks.elastic", args, out, Path(tmp))
         measured = json.loads(out.read_text())
     save = statistics.median(measured["saves"])
     gb = measured["bytes"] / 1e9
