@@ -53,7 +53,6 @@ from bigmodel_dist.runtime import (
     deepspeed_config_as_run,
     load_universal_checkpoints,
     prepare,
-    replace_checkpoint_engine,
     restart_accumulation_count,
     set_learning_rate,
     set_universal_loading,
@@ -165,10 +164,7 @@ class Trainer:
         if resume is not None:
             self._load(resume, load_from)
             self.clock.mark("checkpoint load")
-        if self.cfg.checkpoint.async_save:  # DeepSpeed hands its state to us instead of writing it
-            from bigmodel_dist.checkpoint.snapshot_engine import SnapshotCheckpointEngine
-
-            replace_checkpoint_engine(self.runtime.engine, SnapshotCheckpointEngine)
+        self.checkpoints.install_engine(self.runtime.engine)  # saves are ours; loading stays DeepSpeed's
         self.stopper = StopController(self.signals, self.cfg.checkpoint.end_time or facts.job_end_time,
                                       self.cfg.checkpoint.time_limit_margin_s, facts.is_main, self.runtime.device)
         self.window_metrics = WindowMetrics(resolved, facts, self.runtime, self.metrics)

@@ -68,8 +68,6 @@ def train_and_crash(overrides: list[str], crash_point: str, crash_rank: int, cra
     import os
     import signal
 
-    import torch
-
     import bigmodel_dist.checkpoint.manager as manager
     from bigmodel_dist.distributed import facts_from_env
 
@@ -80,16 +78,18 @@ def train_and_crash(overrides: list[str], crash_point: str, crash_rank: int, cra
 
     if facts_from_env().rank == crash_rank:
         if crash_point == "shard_write":
-            original_save = torch.save
+            from bigmodel_dist.checkpoint import durable_file
 
-            def half_then_die(obj, f, *args, **kwargs):
-                if partial in str(f):
-                    with open(f, "wb") as handle:
-                        handle.write(b"\0" * 1000)
+            original_write = durable_file.DurableFile.write
+
+            def write_then_die(self, data):  # a tensor's bytes reach the file, then the rank dies
+                written = original_write(self, data)
+                if partial in str(self.path) and len(memoryview(data)) >= durable_file.SMALL_WRITE_BYTES:
+                    self._drain(0)
                     die()
-                return original_save(obj, f, *args, **kwargs)
+                return written
 
-            torch.save = half_then_die
+            durable_file.DurableFile.write = write_then_die
         elif crash_point == "before_checksums":
             original = manager.describe_files
             manager.describe_files = lambda d, r: die() if partial in str(d) else original(d, r)

@@ -1,7 +1,8 @@
 """Asynchronous checkpoint writes: a snapshot in host memory is written, checksummed and reported by a thread.
 
 `checkpoint/snapshot_engine.py` makes DeepSpeed hand its state over instead of writing it. After the
-save call returns, `write_in_background` writes the queued files, fsyncs and checksums them and reports
+save call returns, `write_in_background` writes the queued files (`save_durably`: fsynced, checksummed
+while written; the small files saved synchronously are checksummed after) and reports
 this rank's share in a small JSON file (`.rank<r>.json`) beside them; rank 0's thread then waits for
 every rank's report and commits the checkpoint (see `CheckpointManager.save`). No collective runs in the
 background: the reports are files, so the training loop's collectives never interleave with the writer's.
@@ -21,11 +22,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from bigmodel_dist.checkpoint.durable_file import save_durably
 from bigmodel_dist.checkpoint.integrity import describe_files
 from bigmodel_dist.fileio import write_error, write_json_atomically
 
@@ -62,19 +63,19 @@ class BackgroundWriter:
         self._abort.set()
 
     def write_in_background(self, pending: list[tuple[Any, str]], partial: Path, sync_files: list[str],
-                            then: Callable[[threading.Event], None] | None) -> None:
-        """Write `pending`, then report this rank's files (those plus `sync_files`, already written);
-        `then(abort_event)` runs afterwards in the same thread (rank 0: the commit)."""
+                            pool: ThreadPoolExecutor, then: Callable[[threading.Event], None] | None) -> None:
+        """Write `pending` (with `pool`'s threads), then report this rank's files (those plus `sync_files`,
+        already written); `then(abort_event)` runs afterwards in the same thread (rank 0: the commit)."""
         self.join()
         self._written.clear()
         self._abort.clear()
 
         def work() -> None:
             try:
-                for state, path in pending:
-                    torch.save(state, path)
-                names = sorted({str(Path(p).relative_to(partial)) for _, p in pending} | set(sync_files))
-                write_json_atomically(partial / f"{REPORT_PREFIX}{self.rank}.json", describe_files(partial, names))
+                described = {str(Path(path).relative_to(partial)): save_durably(state, path, pool).as_meta()
+                             for state, path in pending}
+                described.update(describe_files(partial, sync_files))
+                write_json_atomically(partial / f"{REPORT_PREFIX}{self.rank}.json", described)
             except Exception as exc:  # the checkpoint stays partial and is never chosen
                 self._fail(f"writing checkpoint {partial}", exc, partial)
                 return

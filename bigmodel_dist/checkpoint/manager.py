@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch.distributed as dist
 
 from bigmodel_dist.checkpoint.async_writer import BackgroundWriter, wait_for_reports
+from bigmodel_dist.checkpoint.durable_file import write_threads
 from bigmodel_dist.checkpoint.integrity import (
     CHECKPOINT_FORMAT_VERSION,
     META_NAME,
@@ -60,6 +62,23 @@ class CheckpointManager:
         self.cfg = cfg
         self.facts = facts
         self._writer = BackgroundWriter(facts.rank)
+        self.write_threads = write_threads(cfg.write_threads, facts.local_world_size)
+        self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="checkpoint-write")
+
+    def install_engine(self, engine) -> None:
+        """Make the DeepSpeed `engine` write through this manager: durable files checksummed as written
+        (synchronous saves) or staging buffers written in the background (`checkpoint.async_save`).
+        Call it after any load: loading stays DeepSpeed's."""
+        from bigmodel_dist.runtime import replace_checkpoint_engine
+
+        if self.cfg.async_save:
+            from bigmodel_dist.checkpoint.snapshot_engine import SnapshotCheckpointEngine
+
+            replace_checkpoint_engine(engine, SnapshotCheckpointEngine)
+        elif engine._config.checkpoint_config.get("writer") is None:  # else DeepSpeed's FastPersist, as asked
+            from bigmodel_dist.checkpoint.durable_engine import DurableCheckpointEngine
+
+            replace_checkpoint_engine(engine, lambda config: DurableCheckpointEngine(config, self._pool))
 
     def due(self, step: int) -> bool:
         """An interval save at this step (`checkpoint.every`); the loop forces one at its last step."""
@@ -72,8 +91,9 @@ class CheckpointManager:
 
         The metadata holds `run_identity` (what a resume must match: model, batch shape, ...) at its top
         level and `train_state` as one block. `write_extra(dir)` runs on rank 0 to add small files (the
-        tokenizer) before checksumming. With `checkpoint.async_save`, pass the DeepSpeed `engine`: the
-        state is snapshotted here and written, checksummed and committed by a background thread.
+        tokenizer) before checksumming. `engine` is the DeepSpeed engine (see `install_engine`): files its
+        checkpoint engine already checksummed are not read again. With `checkpoint.async_save` the state
+        is staged here and written, checksummed and committed by a background thread.
         """
         self.settle()  # never two writes at once: the previous snapshot leaves memory first
         final = self.dir / step_dir_name(step)
@@ -96,10 +116,7 @@ class CheckpointManager:
         if self.cfg.async_save:
             self._finish_in_background(engine, partial, final, header)
             return final
-        files = broadcast_from_rank0(list_files(partial) if self.facts.is_main else None)
-        mine = describe_files(partial, files[self.facts.rank :: self.facts.world_size])
-        shares: list[dict] = [{} for _ in range(self.facts.world_size)]
-        dist.all_gather_object(shares, mine)
+        shares = self._describe(partial, self._written_by(engine, partial))
         if self.facts.is_main:
             try:
                 self._commit(partial, final, header, {name: info for share in shares for name, info in share.items()})
@@ -107,6 +124,26 @@ class CheckpointManager:
                 raise self._write_failed(partial, exc) from exc
         accelerator.wait_for_everyone()  # no rank runs ahead of the commit
         return final
+
+    @staticmethod
+    def _written_by(engine, partial: Path) -> dict[str, dict]:
+        """The files `engine`'s checkpoint engine wrote durably, with their digests, by relative name."""
+        take = getattr(getattr(engine, "checkpoint_engine", None), "take_written", None)
+        if take is None:  # DeepSpeed's own engine (e.g. a `checkpoint.writer` block): checksummed after
+            return {}
+        return {str(Path(path).relative_to(partial)): digest.as_meta() for path, digest in take().items()}
+
+    def _describe(self, partial: Path, written: dict[str, dict]) -> list[dict[str, dict]]:
+        """Every rank's share of the checkpoint's file descriptions: the files it wrote durably, and a
+        round-robin share of the others (small ones: RNG states, tokenizer), fsynced and checksummed now."""
+        written_names: list[list[str]] = [[] for _ in range(self.facts.world_size)]
+        dist.all_gather_object(written_names, sorted(written))
+        done = {name for names in written_names for name in names}
+        rest = broadcast_from_rank0([f for f in list_files(partial) if f not in done] if self.facts.is_main else None)
+        mine = {**written, **describe_files(partial, rest[self.facts.rank :: self.facts.world_size])}
+        shares: list[dict] = [{} for _ in range(self.facts.world_size)]
+        dist.all_gather_object(shares, mine)
+        return shares
 
     def _finish_in_background(self, engine, partial: Path, final: Path, header: dict[str, Any]) -> None:
         rank, world = self.facts.rank, self.facts.world_size
@@ -122,12 +159,14 @@ class CheckpointManager:
                 return
             self._commit(partial, final, header, described)
 
-        self._writer.write_in_background(engine.checkpoint_engine.take_pending(), partial, sync_files,
+        self._writer.write_in_background(engine.checkpoint_engine.take_pending(), partial, sync_files, self._pool,
                                          then=commit if self.facts.is_main else None)
 
     def _commit(self, partial: Path, final: Path, header: dict[str, Any], described: dict[str, dict]) -> None:
         """Rank 0: metadata last, then the atomic rename, then the `latest` pointer, then retention."""
         write_json_atomically(partial / META_NAME, {**header, "files": dict(sorted(described.items()))})
+        for folder in sorted({(partial / name).parent for name in described}, reverse=True):
+            fsync_path(folder)  # the entries of files in sub-folders (DeepSpeed's tag folder) are durable too
         fsync_path(partial)
         os.rename(partial, final)
         fsync_path(self.dir)
@@ -177,6 +216,7 @@ class CheckpointManager:
         abandoned and its partial directory never chosen."""
         self._writer.abort()
         self._writer.join()
+        self._pool.shutdown(wait=True)
 
     def _apply_retention(self) -> None:
         keep_every = self.cfg.keep_every

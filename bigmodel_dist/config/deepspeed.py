@@ -101,6 +101,7 @@ def resolve_deepspeed_config(
         ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
         ds["optimizer"]["params"].setdefault("fused", True)
 
+    notes += _checkpoint_writer_notes(ds, source, cfg.checkpoint.async_save, has_cuda)
     leftover = _find_auto(ds)
     if leftover:
         raise UserInputError(
@@ -109,6 +110,22 @@ def resolve_deepspeed_config(
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise UserInputError(f"DeepSpeed config {source}: bf16 and fp16 are both enabled; keep one")
     return ds, notes
+
+
+def _checkpoint_writer_notes(ds: dict[str, Any], source: Path, async_save: bool, has_cuda: bool) -> list[str]:
+    """A `checkpoint.writer` block picks DeepSpeed's FastPersist engine instead of bigmodel's durable one."""
+    writer = ds.get("checkpoint", {}).get("writer")
+    if writer is None:
+        return []
+    if writer.get("decoupled"):
+        raise UserInputError(f"DeepSpeed config {source}: checkpoint.writer.decoupled commits after the save returns, "
+                             "which bigmodel cannot checksum and commit atomically; drop it and set checkpoint.async_save: true")
+    if writer.get("type", "fast").lower() == "fast" and not has_cuda:
+        raise UserInputError(f"DeepSpeed config {source}: checkpoint.writer.type fast needs a GPU (pinned memory, "
+                             "async_io); drop the writer block (bigmodel's durable writer is the default) or use type python")
+    if async_save:
+        return [f"{source}: checkpoint.writer is not used: checkpoint.async_save stages and writes the files itself"]
+    return [f"{source}: checkpoint.writer: DeepSpeed's FastCheckpointEngine writes the files; bigmodel checksums them after"]
 
 
 def check_offload_paths(ds: dict[str, Any], source: Path) -> None:

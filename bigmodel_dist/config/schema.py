@@ -259,6 +259,8 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this, for good; 0 keeps none extra."""
     async_save: bool = False
     """Snapshot to host memory and write in a background thread; the loop stalls only for the copy."""
+    write_threads: int = 0
+    """Threads per rank writing checkpoint files; 0: this rank's share of the machine's cores, 1 to 4."""
     resume: str = "latest"
     """latest (newest good checkpoint of this run, if any), none (refuse a run dir that has some), or a path."""
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
@@ -271,7 +273,7 @@ class CheckpointConfig:
     """Unix time the allocation ends; None reads it from Slurm when present."""
 
     def check(self) -> None:
-        for name in ("every", "keep_every", "time_limit_margin_s"):
+        for name in ("every", "keep_every", "time_limit_margin_s", "write_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"checkpoint.{name}", f"must be >= 0, got {getattr(self, name)}")
         _require_positive("checkpoint", keep_last=self.keep_last)
