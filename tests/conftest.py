@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,27 @@ TINY = [
     "--train.log_every=1",
     "--logging.wandb_mode=disabled",
 ]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path) -> Iterator[Callable[[int], Path]]:
+    """`small_tmpfs(mib)`: a size-limited tmpfs mounted at a new folder under tmp_path (a real full disk;
+    CI runs as root), unmounted after the test."""
+    import subprocess
+
+    assert os.geteuid() == 0, "mounting a size-limited tmpfs needs root (CI runs as root)"
+    mounted: list[Path] = []
+
+    def mount(mib: int) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(folder)], check=True)
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,13 @@ def test_leftover_auto_and_bad_stage_are_errors(tmp_path):
         resolve_run(load_config(None, [f"--deepspeed.config={broken}"]), world_size=1)
 
 
+def test_a_deepspeed_checkpoint_writer_block_is_refused_naming_it(tmp_path):
+    for writer in ({"type": "python", "data_parallel": "replica"}, {"decoupled": True}):
+        fast = _user_json(tmp_path, {"checkpoint": {"writer": writer}})
+        with pytest.raises(UserInputError, match="checkpoint.writer is not supported .* drop the block"):
+            resolve_run(load_config(None, [f"--deepspeed.config={fast}"]), world_size=2)
+
+
 def test_zero_stage_override_beats_the_json():
     cfg = load_config(None, ["--deepspeed.config=zero1", "--deepspeed.zero_stage=3"])
     assert resolve_run(cfg, world_size=2).zero_stage == 3

@@ -3,9 +3,7 @@ filesystem: a size-limited tmpfs mounted for the test (CI runs as root)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 
 import pytest
 
@@ -22,16 +20,8 @@ DISK_MIB = 14
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 14 MiB tmpfs at tmp_path/disk, unmounted after the test."""
-    assert os.geteuid() == 0, "mounting a size-limited tmpfs needs root (CI runs as root)"
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MIB}m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(small_tmpfs):
+    return small_tmpfs(DISK_MIB)
 
 
 @pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])

@@ -75,7 +75,7 @@ class CheckpointManager:
             from bigmodel_dist.checkpoint.snapshot_engine import SnapshotCheckpointEngine
 
             replace_checkpoint_engine(engine, SnapshotCheckpointEngine)
-        elif engine._config.checkpoint_config.get("writer") is None:  # else DeepSpeed's FastPersist, as asked
+        else:
             from bigmodel_dist.checkpoint.durable_engine import DurableCheckpointEngine
 
             replace_checkpoint_engine(engine, lambda config: DurableCheckpointEngine(config, self._pool))

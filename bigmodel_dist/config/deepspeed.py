@@ -101,7 +101,7 @@ def resolve_deepspeed_config(
         ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
         ds["optimizer"]["params"].setdefault("fused", True)
 
-    notes += _checkpoint_writer_notes(ds, source, cfg.checkpoint.async_save, has_cuda)
+    refuse_checkpoint_writer(ds, source)
     leftover = _find_auto(ds)
     if leftover:
         raise UserInputError(
@@ -112,20 +112,16 @@ def resolve_deepspeed_config(
     return ds, notes
 
 
-def _checkpoint_writer_notes(ds: dict[str, Any], source: Path, async_save: bool, has_cuda: bool) -> list[str]:
-    """A `checkpoint.writer` block picks DeepSpeed's FastPersist engine instead of bigmodel's durable one."""
-    writer = ds.get("checkpoint", {}).get("writer")
-    if writer is None:
-        return []
-    if writer.get("decoupled"):
-        raise UserInputError(f"DeepSpeed config {source}: checkpoint.writer.decoupled commits after the save returns, "
-                             "which bigmodel cannot checksum and commit atomically; drop it and set checkpoint.async_save: true")
-    if writer.get("type", "fast").lower() == "fast" and not has_cuda:
-        raise UserInputError(f"DeepSpeed config {source}: checkpoint.writer.type fast needs a GPU (pinned memory, "
-                             "async_io); drop the writer block (bigmodel's durable writer is the default) or use type python")
-    if async_save:
-        return [f"{source}: checkpoint.writer is not used: checkpoint.async_save stages and writes the files itself"]
-    return [f"{source}: checkpoint.writer: DeepSpeed's FastCheckpointEngine writes the files; bigmodel checksums them after"]
+def refuse_checkpoint_writer(ds: dict[str, Any], source: Path) -> None:
+    """A `checkpoint.writer` block would pick DeepSpeed's FastPersist engines, which in DeepSpeed 0.19 do
+    not write a complete checkpoint of a pure data-parallel run (see NOTES: without `data_parallel` they
+    fail on a missing dp_rank, `machine`/`socket` skip the other ranks' optimizer shards, `replica` makes
+    every rank write the model file), and `decoupled` commits after the save returns. bigmodel's own writer
+    (parallel, fsynced, checksummed while written) is what runs; `checkpoint.async_save` is the async path."""
+    if ds.get("checkpoint", {}).get("writer") is not None:
+        raise UserInputError(f"DeepSpeed config {source}: checkpoint.writer is not supported (DeepSpeed's FastPersist "
+                             "engines do not save a complete data-parallel checkpoint); drop the block: bigmodel writes "
+                             "checkpoints in parallel and durably itself, and checkpoint.async_save: true writes in the background")
 
 
 def check_offload_paths(ds: dict[str, Any], source: Path) -> None:
