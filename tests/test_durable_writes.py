@@ -76,3 +76,4 @@ def test_staging_reuses_its_buffers_and_never_aliases_the_live_state():
     grown = stage({**live, "shards": [torch.randn(7)]}, second)  # another shape: a new buffer
     assert id(grown["shards"][0]) not in buffers and grown["shards"][0].shape == (7,)
     assert tensor_bytes(second) == (16 + 4 + 6) * 4
+
