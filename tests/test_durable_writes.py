@@ -77,3 +77,16 @@ def test_staging_reuses_its_buffers_and_never_aliases_the_live_state():
     assert id(grown["shards"][0]) not in buffers and grown["shards"][0].shape == (7,)
     assert tensor_bytes(second) == (16 + 4 + 6) * 4
 
+
+
+def test_a_tensor_held_twice_is_staged_once():
+    embedding = torch.randn(8, 4)
+    live = {"wte.weight": embedding, "lm_head.weight": embedding}  # tied, as GPT-2's state dict has them
+    staged = stage(live)
+    assert staged["wte.weight"] is staged["lm_head.weight"]
+    assert tensor_bytes(staged) == 8 * 4 * 4
+    again = stage(live, staged)
+    assert again["wte.weight"] is staged["wte.weight"] and again["lm_head.weight"] is staged["wte.weight"]
+    untied = stage({"wte.weight": embedding, "lm_head.weight": embedding.clone() + 1}, staged)
+    assert untied["wte.weight"] is not untied["lm_head.weight"]  # one buffer never serves two tensors
+    assert torch.equal(untied["lm_head.weight"], embedding + 1) and torch.equal(untied["wte.weight"], embedding)

@@ -27,31 +27,47 @@ def _staging_buffer(like: torch.Tensor) -> torch.Tensor:
 
 def stage(value: Any, previous: Any = None) -> Any:
     """A host-memory copy of every tensor in a nested state (the originals keep training), written into
-    `previous`'s tensors where the structure, shape and dtype match, into new buffers elsewhere."""
+    `previous`'s tensors where the structure, shape and dtype match, into new buffers elsewhere. A tensor
+    that appears twice (tied embeddings) is staged once and appears twice, as torch.save would keep it."""
+    return _stage(value, previous, {}, set())
+
+
+def _stage(value: Any, previous: Any, staged: dict[tuple, torch.Tensor], claimed: set[int]) -> Any:
+    """`staged`: this call's buffer of each live tensor; `claimed`: ids of the buffers in it."""
     if isinstance(value, torch.Tensor):
+        key = (value.data_ptr(), value.shape, value.stride(), value.dtype, value.device)
+        if key in staged:
+            return staged[key]
         reusable = (isinstance(previous, torch.Tensor) and previous.shape == value.shape
-                    and previous.dtype == value.dtype)
-        buffer = previous if reusable else _staging_buffer(value)
+                    and previous.dtype == value.dtype and id(previous) not in claimed)
+        buffer = previous if reusable else _staging_buffer(value)  # never one buffer for two live tensors
         buffer.copy_(value.detach(), non_blocking=value.is_cuda)
+        staged[key] = buffer
+        claimed.add(id(buffer))
         return buffer
     if isinstance(value, dict):
         old = previous if isinstance(previous, dict) else {}
-        return {key: stage(item, old.get(key)) for key, item in value.items()}
+        return {key: _stage(item, old.get(key), staged, claimed) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         before = previous if type(previous) is type(value) and len(previous) == len(value) else [None] * len(value)
-        staged = [stage(item, old) for item, old in zip(value, before)]
-        return staged if isinstance(value, list) else type(value)(staged)
+        copies = [_stage(item, old, staged, claimed) for item, old in zip(value, before)]
+        return copies if isinstance(value, list) else type(value)(copies)
     return value
 
 
 def tensor_bytes(value: Any) -> int:
+    """Bytes of the distinct tensors in a nested state."""
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in _tensors(value)}.values())
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        return [value]
     if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
+        return [t for v in value.values() for t in _tensors(v)]
     if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 class SnapshotCheckpointEngine(TorchCheckpointEngine):
