@@ -133,11 +133,17 @@ def _measure_saves(trainer, facts, args: argparse.Namespace) -> None:
         written.append(stalls[-1] + timed(trainer.checkpoints.settle))  # save start -> committed
     staging = [0] * facts.world_size
     dist.all_gather_object(staging, engine.checkpoint_engine.staging_bytes)
+    from bigmodel_dist.planner import async_staging_bytes, variant_of
+
+    resolved = trainer.resolved
+    planned_staging = async_staging_bytes(resolved.num_parameters, variant_of(resolved.deepspeed_config),
+                                          trainer.cfg.train.precision, facts.world_size, facts.local_world_size)
     ckpt = trainer.run_dir / "checkpoints" / "step_00000100"
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     if facts.is_main:
         Path(args.out).write_text(json.dumps({**results, "decoupled": decoupled, "async_stall": stalls,
                                               "async_written": written, "staging_bytes": staging, "bytes": size,
+                                              "planned_staging_bytes": planned_staging,
                                               "write_threads": trainer.checkpoints.write_threads}))
 
 
@@ -291,6 +297,9 @@ def _report(save: dict, disk_read: float, cold: float, restart: float, phases: d
          "detail": f"{steady_stall:.2f}s vs {ours:.2f}s (first save, allocating the buffers: {save['async_stall'][0]:.2f}s); "
                    f"staging {max(save['staging_bytes']) / 1e9:.2f} GB per rank at most; written and committed after "
                    f"{median(save['async_written'][1:]):.2f}s"},
+        {"figure": "async staging ÷ planned", "ratio": sum(save["staging_bytes"]) / save["planned_staging_bytes"],
+         "goal": "0.9-1.1", "detail": f"{sum(save['staging_bytes']) / 1e9:.3f} GB host memory on the node vs "
+                                      f"`bigmodel plan` {save['planned_staging_bytes'] / 1e9:.3f} GB"},
         {"figure": "restart ÷ cold start (to step)", "ratio": restart / cold, "goal": "<= 1.2",
          "detail": f"{restart:.1f}s vs {cold:.1f}s"},
         {"figure": "load bandwidth ÷ disk read", "ratio": load_gbs / disk_read if disk_read else 0.0, "goal": "report",

@@ -182,8 +182,22 @@ def step_time(shape: ModelShape, num_params: int, seq_len: int, tokens_per_gpu_s
     return seconds, achieved
 
 
+def async_staging_bytes(num_params: int, variant: Variant, precision: str, dp: int, gpus_per_node: int) -> float:
+    """Host memory `checkpoint.async_save` keeps on the busiest node (rank 0's): one staged copy of each
+    local rank's checkpoint files. Rank 0 writes the model file below ZeRO-3; every rank its optimizer
+    partition (ZeRO >= 1; at ZeRO-0 rank 0 writes the whole optimizer)."""
+    n, stage = float(num_params), variant.stage
+    param_b = 2 if _mixed(precision) else 4
+    optim_b = 8 + (4 if _mixed(precision) or stage >= 1 else 0)
+    if stage == 0:
+        return n * (param_b + optim_b)
+    model_file = n * param_b * (gpus_per_node / dp if stage >= 3 else 1)
+    return model_file + n * optim_b / dp * gpus_per_node
+
+
 def plan_variant(variant: Variant, shape: ModelShape, seq_len: int, micro_batch: int, grad_accum: int,
-                 precision: str, checkpointing: bool, buckets: Buckets, hw: Hardware) -> MemoryPlan:
+                 precision: str, checkpointing: bool, buckets: Buckets, hw: Hardware,
+                 async_save: bool = False) -> MemoryPlan:
     num_params = count_parameters(shape)
     states, cpu_per_rank = model_states(num_params, variant, precision, hw.gpus)
     fixed = {**states, "buckets": bucket_bytes(variant, buckets, precision, shape)}
@@ -197,6 +211,8 @@ def plan_variant(variant: Variant, shape: ModelShape, seq_len: int, micro_batch:
     gpu["framework"] = gpu["total"] - sum(v for k, v in gpu.items() if k != "total")  # context + slack
     nvme = "nvme" in (variant.offload_optimizer, variant.offload_params)
     cpu = cpu_per_rank * hw.gpus_per_node + (NVME_STAGING_BYTES if nvme else 0.0)
+    if async_save:
+        cpu += async_staging_bytes(num_params, variant, precision, hw.gpus, hw.gpus_per_node)
     largest = 0
     while gpu_total(largest + 1) <= hw.gpu_memory and largest < 4096:
         largest += 1
@@ -222,7 +238,8 @@ def plan_run(resolved: ResolvedRun, hw: Hardware, activation_checkpointing: bool
                       max_live=float(zero.get("stage3_max_live_parameters", 1e9)))
     checkpointing = cfg.model.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     return [plan_variant(v, resolved.shape, cfg.data.seq_len, resolved.layout.micro_batch_size,
-                         resolved.layout.grad_accum_steps, cfg.train.precision, checkpointing, buckets, hw)
+                         resolved.layout.grad_accum_steps, cfg.train.precision, checkpointing, buckets, hw,
+                         cfg.checkpoint.async_save)
             for v in VARIANTS]
 
 

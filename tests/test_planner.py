@@ -6,9 +6,19 @@ import json
 
 import pytest
 
+from bigmodel_dist.config import load_config
+from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.model_presets import count_parameters, model_shape
-from bigmodel_dist.planner import GIB, Variant, model_states, parse_bytes
+from bigmodel_dist.planner import (
+    GIB,
+    Hardware,
+    Variant,
+    async_staging_bytes,
+    model_states,
+    parse_bytes,
+    plan_run,
+)
 
 from .cli import assert_one_line_error, run_cli
 from .conftest import REPO
@@ -168,3 +178,27 @@ def test_fit_warning_names_a_variant_that_fits_or_says_none_does():
     assert "no ZeRO variant fits" in fit_warning(resolved, 8, 1 * GIB)
     tiny = resolve_run(load_config(REPO / "configs" / "gpt2-tiny.yaml"), 2, DeviceInfo.gpu_target())
     assert fit_warning(tiny, 2, 80 * GIB, nodes=2) is None
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_async_staging_on_one_node_is_the_whole_checkpoint_and_shrinks_with_nodes(stage, precision):
+    """One staged copy of every local rank's checkpoint files: on a single node, the whole checkpoint
+    (model file + every optimizer partition); on 4 nodes rank 0's node keeps the model file and its own
+    ranks' partitions. The benchmark (`benchmarks.checkpoint`) compares it with the bytes really staged."""
+    n, variant = 10**9, Variant(stage, "none", "none")
+    param_b, optim_b = (2, 12) if precision == "bf16" else (4, 12 if stage else 8)
+    whole = n * (param_b + optim_b)
+    assert async_staging_bytes(n, variant, precision, dp=8, gpus_per_node=8) == pytest.approx(whole)
+    if stage in (1, 2):
+        assert async_staging_bytes(n, variant, precision, dp=32, gpus_per_node=8) == pytest.approx(
+            n * param_b + n * optim_b / 4)
+
+
+def test_async_save_adds_its_staging_to_the_host_memory_plan():
+    resolved = resolve_run(load_config(None, ["--model.preset=gpt2-124m", "--train.micro_batch_size=2"]), world_size=8)
+    hw = Hardware(gpus=8, nodes=1, gpu_memory=80 * 2**30)
+    plain = {p.variant: p.cpu_per_node for p in plan_run(resolved, hw)}
+    resolved.config.checkpoint.async_save = True
+    staged = {p.variant: p.cpu_per_node for p in plan_run(resolved, hw)}
+    assert all(staged[name] > plain[name] for name in plain)
