@@ -64,6 +64,7 @@ class CheckpointManager:
         self._writer = BackgroundWriter(facts.rank)
         self.write_threads = write_threads(cfg.write_threads, facts.local_world_size)
         self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="checkpoint-write")
+        self._staging_bytes = 0  # host memory of the async staging buffers, as last logged
 
     def install_engine(self, engine) -> None:
         """Make the DeepSpeed `engine` write through this manager: durable files checksummed as written
@@ -151,6 +152,11 @@ class CheckpointManager:
         # everything already there, other ranks their own RNG state.
         present = list_files(partial)
         sync_files = present if self.facts.is_main else [f for f in present if f == f"random_states_{rank}.pkl"]
+        staging = engine.checkpoint_engine.staging_bytes
+        if staging != self._staging_bytes:  # the first async save, or the state's shapes changed
+            log.info("async checkpoints: %.2f GB of host memory stage this rank's state (reused by every save)",
+                     staging / 1e9)
+            self._staging_bytes = staging
 
         def commit(abort: threading.Event) -> None:
             described = wait_for_reports(partial, world, abort)
