@@ -36,6 +36,21 @@ def test_mixed_small_and_large_writes_land_in_order_with_the_verifiers_checksum(
     assert digest.size == sum(sizes) and digest.xxh3_128 == file_checksum(target)
 
 
+def test_the_callers_buffer_can_change_as_soon_as_write_returns(tmp_path, pool):
+    """torch frees what it hands over (the pickle, a GPU tensor's host copy) right after `write`."""
+    buffer = bytearray(b"a" * (5 << 20))
+    small = bytearray(b"b" * 100)
+    handle = DurableFile(tmp_path / "reused.bin", pool)
+    handle.write(buffer)
+    buffer[:] = b"z" * len(buffer)
+    handle.write(small)
+    small[:] = b"y" * len(small)
+    handle.write(buffer)
+    digest = handle.close()
+    expected = b"a" * (5 << 20) + b"b" * 100 + b"z" * (5 << 20)
+    assert (tmp_path / "reused.bin").read_bytes() == expected and digest.xxh3_128 == file_checksum(tmp_path / "reused.bin")
+
+
 def test_a_saved_state_loads_back_and_torch_crc_setting_is_restored(tmp_path, pool):
     state = {"weights": torch.randn(3, 1 << 20), "step": 7, "nested": [torch.arange(5), {"bias": torch.ones(2)}]}
     before = torch.serialization.get_crc32_options()

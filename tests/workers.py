@@ -85,7 +85,6 @@ def train_and_crash(overrides: list[str], crash_point: str, crash_rank: int, cra
             def write_then_die(self, data):  # a tensor's bytes reach the file, then the rank dies
                 written = original_write(self, data)
                 if partial in str(self.path) and len(memoryview(data)) >= durable_file.SMALL_WRITE_BYTES:
-                    self._drain(0)
                     die()
                 return written
 

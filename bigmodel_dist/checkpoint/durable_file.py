@@ -5,7 +5,7 @@
   so no second pass reads the file back;
 - large records (tensor storages, handed over by torch as zero-copy memoryviews) are cut into
   `CHUNK_BYTES` pieces written by a small thread pool at their offsets (`os.pwrite` releases the GIL),
-  so copying into the page cache runs on several cores while the next record is pickled;
+  so copying into the page cache runs on several cores while the saving thread hashes the record;
 - each finished piece is pushed to the disk at once (`sync_file_range`, Linux) and at most
   `WRITEBACK_WINDOW` pieces are dirty at a time: the disk writes while serialization goes on, and the
   final `fsync` has only the last pieces left instead of the whole file;
@@ -24,7 +24,7 @@ import ctypes.util
 import os
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,9 +71,11 @@ class FileDigest:
 class DurableFile:
     """A write-only file object for `torch.save`: parallel positioned writes, hashing, early writeback.
 
-    `close()` waits for every write, fsyncs and returns the file's `FileDigest`; `abandon()` (on an error)
-    waits and closes without syncing. Writes are sequential from the caller's view: the file's bytes are
-    exactly the concatenation of what `write` received.
+    `close()` fsyncs and returns the file's `FileDigest`; `abandon()` (on an error) closes without
+    syncing. The file's bytes are exactly the concatenation of what `write` received. No view of the
+    caller's memory outlives its `write` call: torch hands over views of buffers it frees right after
+    (the pickle, a GPU tensor's temporary host copy), so each write is on its way to the disk when
+    `write` returns, and the next one's pickling waits for it.
     """
 
     def __init__(self, path: Path | str, pool: ThreadPoolExecutor):
@@ -84,21 +86,28 @@ class DurableFile:
         self._pool = pool
         self._hash = xxhash.xxh3_128()
         self._small = bytearray()
-        self._position = 0  # bytes handed to writes so far (the offset of the next byte)
-        self._in_flight: deque[tuple[Future, int, int]] = deque()  # (write, offset, length), oldest first
+        self._position = 0  # bytes written so far (the offset of the next byte)
+        self._writeback: deque[tuple[int, int]] = deque()  # (offset, length) handed to the disk, oldest first
+        self.failure: OSError | None = None  # the first failed write, as the OS reported it
 
     def write(self, data: Any) -> int:
+        try:
+            return self._write(data)
+        except OSError as exc:  # torch.save reports it as "unexpected pos ..."; save_durably raises this
+            self.failure = exc
+            raise
+
+    def _write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         length = len(view)
-        self._hash.update(view)
         if length < SMALL_WRITE_BYTES:
-            self._small += view
+            self._hash.update(view)
+            self._small += view  # a copy: the caller may reuse its buffer
             if len(self._small) >= SMALL_WRITE_BYTES:
                 self._write_small()
             return length
         self._write_small()
-        for start in range(0, length, CHUNK_BYTES):
-            self._submit(view[start:start + CHUNK_BYTES])  # the caller's buffer lives until close()
+        self._write_now(view)
         return length
 
     def flush(self) -> None:
@@ -107,35 +116,39 @@ class DurableFile:
     def close(self) -> FileDigest:
         try:
             self._write_small()
-            self._drain(0)
             os.fsync(self._fd)
         finally:
             self.abandon()
         return FileDigest(self._position, self._hash.hexdigest())
 
     def abandon(self) -> None:
-        with contextlib.suppress(Exception):
-            self._drain(0)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
     def _write_small(self) -> None:
         if self._small:
-            self._submit(memoryview(bytes(self._small)))
-            self._small.clear()
+            pending, self._small = self._small, bytearray()
+            self._write_now(memoryview(pending), hashed=True)
 
-    def _submit(self, piece: memoryview) -> None:
-        self._drain(WRITEBACK_WINDOW - 1)
-        offset = self._position
-        self._position += len(piece)
-        self._in_flight.append((self._pool.submit(_write_at, self._fd, piece, offset), offset, len(piece)))
+    def _write_now(self, view: memoryview, hashed: bool = False) -> None:
+        """Write `view` at the end of the file in `CHUNK_BYTES` pieces, one per pool thread, hashing it
+        meanwhile; return once every piece is written (its writeback started)."""
+        pieces = [(view[start:start + CHUNK_BYTES], self._position + start) for start in range(0, len(view), CHUNK_BYTES)]
+        writes = [self._pool.submit(_write_at, self._fd, piece, offset) for piece, offset in pieces]
+        if not hashed:
+            self._hash.update(view)
+        for write in writes:
+            write.result()  # raises the write's OSError (a full disk) here, in the saving thread
+        self._position += len(view)
+        self._writeback.extend((offset, len(piece)) for piece, offset in pieces)
+        self._bound_writeback()
 
-    def _drain(self, keep: int) -> None:
-        """Wait until at most `keep` pieces are in flight: the oldest ones written and on the disk."""
-        while len(self._in_flight) > keep:
-            future, offset, length = self._in_flight.popleft()
-            future.result()  # raises the write's OSError (a full disk) here, in the saving thread
+    def _bound_writeback(self) -> None:
+        """Wait for the disk to finish the oldest pieces: at most `WRITEBACK_WINDOW` stay dirty, so the
+        final fsync has little left and dirty pages never pile up behind a slow disk."""
+        while len(self._writeback) > WRITEBACK_WINDOW:
+            offset, length = self._writeback.popleft()
             if _sync_file_range is not None:
                 flags = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
                 _sync_file_range(self._fd, offset, length, flags)
@@ -148,7 +161,7 @@ def _write_at(fd: int, piece: memoryview, offset: int) -> None:
         if written == 0:
             raise OSError(f"wrote 0 bytes at offset {offset + done}")
         done += written
-    if _sync_file_range is not None:  # start writeback now; `_drain` waits for it later
+    if _sync_file_range is not None:  # start writeback now; `_bound_writeback` waits for it later
         _sync_file_range(fd, offset, len(piece), _SYNC_FILE_RANGE_WRITE)
 
 
@@ -178,7 +191,9 @@ def save_durably(state: Any, path: Path | str, pool: ThreadPoolExecutor) -> File
     try:
         with _torch_crc32_off():
             torch.save(state, handle)  # type: ignore[arg-type]  # a file object with write()
-    except BaseException:
+    except BaseException as exc:
         handle.abandon()
+        if handle.failure is not None and handle.failure is not exc:
+            raise handle.failure from exc  # "No space left on device", not torch's "unexpected pos"
         raise
     return handle.close()
