@@ -150,7 +150,12 @@ class Trainer:
         self.clock.mark("data")
         self.checkpoints = CheckpointManager(self.run_dir, self.cfg.checkpoint, facts)
         self._resources.callback(self.checkpoints.close)
-        resume = self.checkpoints.choose_resume(self.cfg.checkpoint.resume)
+        # The newest checkpoint's files are checked in the background while the engine is built; a
+        # conversion reads them, so it waits for the verdict (`checkpoint/choice.py`).
+        choice = self.checkpoints.start_choosing(self.cfg.checkpoint.resume)
+        resume = choice.candidate
+        if resume is not None and self._needs_conversion(resume):
+            resume = choice.result()
         if resume is not None:
             check_resumable(resume, resolved)
             load_from = self._loadable_copy(resume, accelerator)
@@ -163,6 +168,12 @@ class Trainer:
         if facts.is_main:  # as DeepSpeed got it, Accelerate's fill-ins and the universal-load flag included
             write_json_atomically(self.run_dir / "ds_config.json", deepspeed_config_as_run(self.runtime.engine))
         self.clock.mark("model + engine")
+        if resume is not None and choice.result() is not resume:  # it failed its checks: an older one
+            resume = choice.result()
+            if resume is not None:
+                check_resumable(resume, resolved)
+                load_from = self._loadable_copy(resume, accelerator)
+        self.clock.mark("checkpoint checks")
         if resume is not None:
             self._load(resume, load_from)
             self.clock.mark("checkpoint load")
@@ -441,10 +452,14 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
+    def _needs_conversion(self, resume: ResumePoint) -> bool:
+        """Written by another world size or at another ZeRO stage: loaded through a universal checkpoint."""
+        return (resume.meta["world_size"], resume.meta["zero_stage"]) != (self.facts.world_size, self.resolved.zero_stage)
+
     def _loadable_copy(self, resume: ResumePoint, accelerator) -> Path:
         """The checkpoint itself, or (other world size or ZeRO stage) its universal conversion."""
         world, stage = self.facts.world_size, self.resolved.zero_stage
-        if (resume.meta["world_size"], resume.meta["zero_stage"]) == (world, stage):
+        if not self._needs_conversion(resume):
             return resume.path
         if self.facts.is_main:
             log.warning("checkpoint %s was written by %d rank(s) at ZeRO-%d; resuming on %d at ZeRO-%d through a "

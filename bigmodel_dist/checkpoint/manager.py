@@ -13,19 +13,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
 from bigmodel_dist.checkpoint.async_writer import BackgroundWriter, wait_for_reports
+from bigmodel_dist.checkpoint.choice import ResumeChoice, ResumePoint
 from bigmodel_dist.checkpoint.durable_file import write_threads
 from bigmodel_dist.checkpoint.integrity import (
     CHECKPOINT_FORMAT_VERSION,
     META_NAME,
     PARTIAL_PREFIX,
-    check_files,
     describe_files,
     list_files,
     read_checkpoint_meta,
@@ -37,23 +36,12 @@ from bigmodel_dist.config.validate import ResolvedRun
 from bigmodel_dist.distributed import DistributedFacts, broadcast_from_rank0
 from bigmodel_dist.errors import RunFailedError, UserInputError
 from bigmodel_dist.fileio import fsync_path, write_error, write_json_atomically, write_text_atomically
-from bigmodel_dist.train_state import saved_train_state
 
 log = logging.getLogger(__name__)
 
 # DeepSpeed's ds_to_universal refuses checkpoints without this client state (see NOTES).
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 FAILURE_ADVICE = "free space in (or fix) {dir}, then run again: it resumes from the last committed checkpoint"
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    path: Path
-    meta: dict[str, Any]
-
-    @property
-    def train_state(self) -> dict[str, Any]:
-        return saved_train_state(self.meta)
 
 
 class CheckpointManager:
@@ -130,7 +118,7 @@ class CheckpointManager:
     def _written_by(engine, partial: Path) -> dict[str, dict]:
         """The files `engine`'s checkpoint engine wrote durably, with their digests, by relative name."""
         take = getattr(getattr(engine, "checkpoint_engine", None), "take_written", None)
-        if take is None:  # DeepSpeed's own engine (e.g. a `checkpoint.writer` block): checksummed after
+        if take is None:  # another engine (DeepSpeed's own, as the benchmark swaps in): checksummed after
             return {}
         return {str(Path(path).relative_to(partial)): digest.as_meta() for path, digest in take().items()}
 
@@ -238,42 +226,23 @@ class CheckpointManager:
     def choose_resume(self, resume: str, before_step: int | None = None) -> ResumePoint | None:
         """The checkpoint to resume from, verified by all ranks; newest good one for `latest` (of those
         saved before `before_step` when given: a rollback's target)."""
+        return self.start_choosing(resume, before_step).result()
+
+    def start_choosing(self, resume: str, before_step: int | None = None) -> ResumeChoice:
+        """Collective: the choice of `choose_resume`, its checksums still being checked in the background
+        (see `checkpoint/choice.py`): `.candidate` at once, `.result()` verified."""
         if resume == "none":
             existing = broadcast_from_rank0([p.name for p in step_dirs(self.dir)] if self.facts.is_main else None)
             if existing:
                 raise UserInputError(f"checkpoint.resume=none but {self.dir} holds {existing[0]}; use a new run name "
                                      "or resume (checkpoint.resume=latest) - existing checkpoints are never overwritten")
-            return None
+            return ResumeChoice([], False, self.facts, self._pool)
         explicit = resume != "latest"
         candidates = [Path(resume)] if explicit else step_dirs(self.dir)
         if before_step is not None:
             candidates = [p for p in candidates if int(p.name.split("_")[-1]) < before_step]
         names = broadcast_from_rank0([str(p) for p in candidates] if self.facts.is_main else None)
-        for candidate in map(Path, names):
-            verdict = self._verify(candidate)
-            if isinstance(verdict, dict):
-                return ResumePoint(candidate, verdict)
-            problem = verdict
-            if explicit:
-                raise UserInputError(f"checkpoint {candidate}: {problem}; pass another --resume or latest")
-            if self.facts.is_main:
-                log.warning("checkpoint %s is unusable (%s); trying the previous one", candidate, problem)
-        return None
-
-    def _verify(self, candidate: Path) -> dict[str, Any] | str:
-        """Its metadata if usable, else the problem. Rank 0 reads the metadata; every rank checks its share
-        of the files; any problem rejects it."""
-        found = None
-        if self.facts.is_main:
-            found = (None, "is not a directory") if not candidate.is_dir() else read_checkpoint_meta(candidate)
-        meta, problem = broadcast_from_rank0(found)
-        if meta is None:
-            return problem or "unreadable metadata"
-        names = sorted(meta["files"])
-        mine = check_files(candidate, meta["files"], names[self.facts.rank :: self.facts.world_size])
-        problems: list[str | None] = [None] * self.facts.world_size
-        dist.all_gather_object(problems, mine)
-        return next((p for p in problems if p), meta)
+        return ResumeChoice([Path(name) for name in names], explicit, self.facts, self._pool)
 
 
 def check_resumable(resume: ResumePoint, resolved: ResolvedRun) -> None:
