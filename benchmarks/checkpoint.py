@@ -78,8 +78,8 @@ def _measure_saves(trainer, facts, args: argparse.Namespace) -> None:
     results: dict[str, list[float]] = {key: [] for key in ("disk", "ours", "raw_fsync", "raw", "ds_torch", "ds_fast",
                                                            "ds_torch_fsync", "ds_fast_fsync")}
 
-    def timed(action) -> float:
-        if facts.is_main:
+    def timed(action, settle: bool = True) -> float:
+        if settle and facts.is_main:
             os.sync()  # each measurement starts with no dirty pages left by the one before
         dist.barrier()
         started = time.perf_counter()
@@ -105,7 +105,8 @@ def _measure_saves(trainer, facts, args: argparse.Namespace) -> None:
         engine.checkpoint_engine = _deepspeed_engine(engine, writer)
         try:
             saved = timed(lambda: engine.save_checkpoint(str(folder), tag="t"))
-            synced = timed(lambda: [_fsync(f) for f in folder.rglob("*") if f.is_file()] if facts.is_main else None)
+            synced = timed(lambda: [_fsync(f) for f in folder.rglob("*") if f.is_file()] if facts.is_main else None,
+                           settle=False)
             return saved, saved + synced
         finally:
             engine.checkpoint_engine = ours_engine
@@ -213,13 +214,13 @@ def _disk_read_bandwidth(folder: Path) -> float:
 def _cold_and_restart(workdir: Path, args: argparse.Namespace) -> dict:
     """A cold start to the first step, then a restart that resumes from its checkpoint (page cache
     dropped): both times, the restart's start-up phases and the checkpoint's size."""
-    cold, _ = _first_step_seconds(workdir, args.cache, steps=2, preset=args.preset)
+    cold, cold_phases = _first_step_seconds(workdir, args.cache, steps=2, preset=args.preset)
     checkpoints = workdir / "restart" / "checkpoints"
     loaded = sum(p.stat().st_size for p in (checkpoints / "step_00000002").rglob("*") if p.is_file())
     _drop_cached(checkpoints)
     restart, phases = _first_step_seconds(workdir, args.cache, steps=3, preset=args.preset)
     shutil.rmtree(workdir)
-    return {"cold": cold, "restart": restart, "phases": phases, "bytes": loaded}
+    return {"cold": cold, "restart": restart, "phases": phases, "cold_phases": cold_phases, "bytes": loaded}
 
 
 def _first_step_seconds(workdir: Path, cache: str, steps: int, preset: str) -> tuple[float, dict]:
@@ -276,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _phase_differences(restart: dict, cold: dict) -> str:
+    """The start-up phases that differ by more than 0.2 s between a restart and a cold start."""
+    names = [k for k in restart if k.startswith("startup/") and k != "startup/total_s"]
+    differences = {k[len("startup/"):-len("_s")]: restart[k] - cold.get(k, 0.0) for k in names}
+    return ", ".join(f"{name} {delta:+.1f}s" for name, delta in differences.items() if abs(delta) > 0.2) or "none"
+
+
 def _report(save: dict, disk_read: float, starts: list[dict], args: argparse.Namespace) -> None:
     median = statistics.median
     restart_ratio = median(s["restart"] / s["cold"] for s in starts)
@@ -320,7 +328,8 @@ def _report(save: dict, disk_read: float, starts: list[dict], args: argparse.Nam
                                       f"`bigmodel plan` {save['planned_staging_bytes'] / 1e9:.3f} GB"},
         {"figure": "restart ÷ cold start (to step)", "ratio": restart_ratio, "goal": "<= 1.2",
          "detail": f"{restart:.1f}s vs {cold:.1f}s (medians of {len(starts)} pairs: "
-                   f"{', '.join(format(s['restart'] / s['cold'], '.2f') for s in starts)})"},
+                   f"{', '.join(format(s['restart'] / s['cold'], '.2f') for s in starts)}; restart - cold by phase: "
+                   f"{_phase_differences(starts[-1]['phases'], starts[-1]['cold_phases'])})"},
         {"figure": "load bandwidth ÷ disk read", "ratio": load_gbs / disk_read if disk_read else 0.0, "goal": "report",
          "detail": f"{loaded_bytes / 1e9:.2f} GB verified and loaded in {load_s:.2f}s = {load_gbs:.2f} GB/s "
                    f"({', '.join(f'{k} {v:.2f}s' for k, v in load_phases.items())}), page cache dropped; disk reads "

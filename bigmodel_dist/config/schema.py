@@ -260,7 +260,7 @@ class CheckpointConfig:
     async_save: bool = False
     """Snapshot to host memory and write in a background thread; the loop stalls only for the copy."""
     write_threads: int = 0
-    """Threads per rank writing checkpoint files; 0: this rank's share of the machine's cores, 1 to 4."""
+    """Threads per rank writing checkpoint files; 0: this rank's share of the machine's cores, 2 to 4."""
     resume: str = "latest"
     """latest (newest good checkpoint of this run, if any), none (refuse a run dir that has some), or a path."""
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
