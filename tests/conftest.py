@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster.fixtures import ray_cluster, slurm_cluster  # noqa: F401  (real local clusters, session-wide)
+from .cluster.fixtures import slurm_cluster  # noqa: F401  (the real local Slurm cluster, session-wide)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""Session fixture `slurm_cluster`: the real two-node local Slurm cluster of start_slurm.sh."""
+"""Fixtures of the real local clusters: `slurm_cluster` (two-node Slurm of start_slurm.sh, session-wide)
+and `ray_cluster` (a Ray head, for the tests/cluster package)."""
 
 from __future__ import annotations
 
@@ -64,10 +65,11 @@ def _start(base: Path) -> str:
     return match[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def ray_cluster():
-    """A real Ray head confined to loopback (its own network namespace), stopped by PID after the module
-    that uses it: its idle daemons would otherwise take CPU from the rest of the suite."""
+    """A real Ray head confined to loopback (its own network namespace), stopped by PID after the last
+    test of the package that uses it (tests/cluster: its Ray modules run one after another): its idle
+    daemons would otherwise take CPU from the rest of the suite."""
     from . import ray_cluster as local_ray
 
     if os.geteuid() != 0:
