@@ -27,10 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 from benchmarks.report import report
+from bigmodel_dist.fileio import fsync_path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PRESET = "gpt2-124m"
@@ -97,7 +100,7 @@ def _measure_saves(trainer, facts, args: argparse.Namespace) -> None:
             state["module"] = engine.module.state_dict()
         torch.save(state, target)
         if durable:
-            _fsync(target)
+            fsync_path(target)
 
     def deepspeed_save(writer: dict | None, folder: Path) -> tuple[float, float]:
         """DeepSpeed's engine saving the same state: its own time, and that plus an fsync of every file
@@ -105,7 +108,7 @@ def _measure_saves(trainer, facts, args: argparse.Namespace) -> None:
         engine.checkpoint_engine = _deepspeed_engine(engine, writer)
         try:
             saved = timed(lambda: engine.save_checkpoint(str(folder), tag="t"))
-            synced = timed(lambda: [_fsync(f) for f in folder.rglob("*") if f.is_file()] if facts.is_main else None,
+            synced = timed(lambda: [fsync_path(f) for f in folder.rglob("*") if f.is_file()] if facts.is_main else None,
                            settle=False)
             return saved, saved + synced
         finally:
@@ -164,14 +167,6 @@ def _decoupled_save(engine, ours_engine, folder: Path, timed) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:160]}
     finally:
         engine.checkpoint_engine = ours_engine
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _disk_write_bandwidth(folder: Path) -> float:
@@ -251,12 +246,19 @@ def saving_benchmark_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_saving_workers(module: str, args: argparse.Namespace, out: Path, workdir: Path) -> None:
-    """`module --worker` on 2 torchrun ranks (one thread each), passing on the parsed options."""
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    "-m", module, "--worker", f"--out={out}", f"--workdir={workdir}", f"--repeats={args.repeats}",
-                    f"--cache={args.cache}", f"--preset={args.preset}", f"--write-threads={args.write_threads}"],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+@contextmanager
+def saving_workers_run(module: str, args: argparse.Namespace) -> Iterator[tuple[Path, dict]]:
+    """`module --worker` on 2 torchrun ranks (one thread each, the parsed options passed on) in a scratch
+    folder under runs/ (the disk real runs use): that folder and what the workers measured (the JSON
+    rank 0 wrote to `--out`), while the caller measures more there."""
+    (REPO / "runs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{module.rsplit('.', 1)[-1]}-", dir=REPO / "runs") as tmp:
+        workdir, out = Path(tmp), Path(tmp) / "measured.json"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "-m", module, "--worker", f"--out={out}", f"--workdir={workdir}", f"--repeats={args.repeats}",
+                        f"--cache={args.cache}", f"--preset={args.preset}", f"--write-threads={args.write_threads}"],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        yield workdir, json.loads(out.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,12 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args)
         return 0
-    (REPO / "runs").mkdir(exist_ok=True)  # same disk as real runs
-    with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=REPO / "runs") as tmp:
-        work = Path(tmp)
-        out = work / "save.json"
-        run_saving_workers("benchmarks.checkpoint", args, out, work)
-        save = json.loads(out.read_text())
+    with saving_workers_run("benchmarks.checkpoint", args) as (work, save):
         shutil.rmtree(work / "save")
         disk_read = _disk_read_bandwidth(work)
         starts = [_cold_and_restart(work / f"start-{i}", args) for i in range(min(args.repeats, 2))]

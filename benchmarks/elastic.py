@@ -15,11 +15,10 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.checkpoint import MODEL, run_saving_workers, saving_benchmark_parser
+from benchmarks.checkpoint import MODEL, saving_benchmark_parser, saving_workers_run
 from benchmarks.report import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,11 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args)
         return 0
-    (REPO / "runs").mkdir(exist_ok=True)  # same disk as real runs
-    with tempfile.TemporaryDirectory(prefix="bench-elastic-", dir=REPO / "runs") as tmp:
-        out = Path(tmp) / "resize.json"
-        run_saving_workers("benchmarks.elastic", args, out, Path(tmp))
-        measured = json.loads(out.read_text())
+    with saving_workers_run("benchmarks.elastic", args) as (_, measured):
+        pass  # the workers measured everything
     save = statistics.median(measured["saves"])
     gb = measured["bytes"] / 1e9
     rows = [{"figure": f"universal conversion to {target} rank(s) ÷ save", "ratio": statistics.median(times) / save,

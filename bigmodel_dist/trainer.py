@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
-from bigmodel_dist.checkpoint.manager import CheckpointManager, ResumePoint, check_resumable
+from bigmodel_dist.checkpoint.choice import ResumePoint
+from bigmodel_dist.checkpoint.manager import CheckpointManager, check_resumable
 from bigmodel_dist.checkpoint.reshard import convert_to_universal
 from bigmodel_dist.config.loader import save_config, to_dict
 from bigmodel_dist.config.schema import OptimConfig
@@ -168,8 +169,9 @@ class Trainer:
         if facts.is_main:  # as DeepSpeed got it, Accelerate's fill-ins and the universal-load flag included
             write_json_atomically(self.run_dir / "ds_config.json", deepspeed_config_as_run(self.runtime.engine))
         self.clock.mark("model + engine")
-        if resume is not None and choice.result() is not resume:  # it failed its checks: an older one
-            resume = choice.result()
+        verified = choice.result()  # collective: the checksums read while the engine was built
+        if verified is not resume:  # it failed its checks: an older one, or none
+            resume = verified
             if resume is not None:
                 check_resumable(resume, resolved)
                 load_from = self._loadable_copy(resume, accelerator)
