@@ -24,7 +24,7 @@ import ctypes.util
 import os
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,7 @@ class DurableFile:
         writes = [self._pool.submit(_write_at, self._fd, piece, offset) for piece, offset in pieces]
         if not hashed:
             self._hash.update(view)
+        wait(writes)  # every piece settled before any error is raised: none may write after the fd is closed
         for write in writes:
             write.result()  # raises the write's OSError (a full disk) here, in the saving thread
         self._position += len(view)
