@@ -257,7 +257,8 @@ def saving_workers_run(module: str, args: argparse.Namespace) -> Iterator[tuple[
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                         "-m", module, "--worker", f"--out={out}", f"--workdir={workdir}", f"--repeats={args.repeats}",
                         f"--cache={args.cache}", f"--preset={args.preset}", f"--write-threads={args.write_threads}"],
-                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       # CROSS_*: what DeepSpeed's launcher exports and its FastPersist engines read (one node)
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CROSS_SIZE": "1", "CROSS_RANK": "0"})
         yield workdir, json.loads(out.read_text())
 
 

@@ -54,13 +54,6 @@ def torchrun_env_from_slurm(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def deepspeed_launcher_env(facts: DistributedFacts, env: Mapping[str, str]) -> dict[str, str]:
-    """The node count and index DeepSpeed's own launcher exports and its FastPersist checkpoint writer
-    reads (`checkpoint.writer` in a DeepSpeed JSON), for the ones torchrun, srun or Ray left unset."""
-    wanted = {"CROSS_SIZE": str(facts.num_nodes), "CROSS_RANK": str(facts.node_rank)}
-    return {name: value for name, value in wanted.items() if name not in env}
-
-
 def facts_from_env(env: Mapping[str, str] | None = None) -> DistributedFacts:
     """Facts from torchrun-style variables; a plain `python` process is rank 0 of 1."""
     env = os.environ if env is None else env

@@ -108,15 +108,19 @@ def parse_bytes(text: str, what: str) -> float:
     return float(match[1]) * base ** " KMGT".index(unit or " ")
 
 
+def _optimizer_bytes_per_param(precision: str, stage: int) -> int:
+    """Adam m + v (8) and an fp32 master (mixed precision; for fp32, the extra copy DeepSpeed keeps at
+    ZeRO >= 1). DeepSpeed's estimator also counts a 4-byte fp32 gradient partition at ZeRO 1-2;
+    measured, it does not stay allocated."""
+    return 8 + (4 if _mixed(precision) or stage >= 1 else 0)
+
+
 def model_states(num_params: int, variant: Variant, precision: str, dp: int) -> tuple[dict[str, float], float]:
     """(GPU bytes by kind, CPU bytes) of params, grads and optimizer states for one rank."""
     n, s = float(num_params), variant.stage
     mixed = _mixed(precision)
     param_b, grad_b = (2, 2) if mixed else (4, 4)
-    # Optimizer bytes per parameter: Adam m + v (8) and an fp32 master (mixed precision; for fp32, the
-    # extra copy DeepSpeed keeps at ZeRO >= 1). DeepSpeed's estimator also counts a 4-byte fp32 gradient
-    # partition at ZeRO 1-2; measured, it does not stay allocated.
-    optim_b = 8 + (4 if mixed or s >= 1 else 0)
+    optim_b = _optimizer_bytes_per_param(precision, s)
     params = n * param_b / (dp if s >= 3 else 1)
     # DeepSpeed's ZeRO-1 reduces gradients bucket by bucket into the rank's partition, like ZeRO-2
     # (measured: ZeRO-1 and ZeRO-2 hold the same bytes), not the paper's full copy per rank.
@@ -188,7 +192,7 @@ def async_staging_bytes(num_params: int, variant: Variant, precision: str, dp: i
     partition (ZeRO >= 1; at ZeRO-0 rank 0 writes the whole optimizer)."""
     n, stage = float(num_params), variant.stage
     param_b = 2 if _mixed(precision) else 4
-    optim_b = 8 + (4 if _mixed(precision) or stage >= 1 else 0)
+    optim_b = _optimizer_bytes_per_param(precision, stage)
     if stage == 0:
         return n * (param_b + optim_b)
     model_file = n * param_b * (gpus_per_node / dp if stage >= 3 else 1)

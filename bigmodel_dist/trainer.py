@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,7 +35,7 @@ from bigmodel_dist.data.mixture import (
 )
 from bigmodel_dist.data.mixture_sources import prepare_run_sources
 from bigmodel_dist.data.sampler import global_index
-from bigmodel_dist.distributed import DistributedFacts, deepspeed_launcher_env, on_rank0_then_shared
+from bigmodel_dist.distributed import DistributedFacts, on_rank0_then_shared
 from bigmodel_dist.errors import RunFailedError
 from bigmodel_dist.evaluation import Evaluator
 from bigmodel_dist.faults import Faults
@@ -162,7 +161,6 @@ class Trainer:
             load_from = self._loadable_copy(resume, accelerator)
         self.clock.mark("checkpoint choice")
         model = build_model(self.cfg.model, self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id)
-        os.environ.update(deepspeed_launcher_env(facts, os.environ))
         self.runtime: Runtime = prepare(accelerator, model, weight_decay_groups(model, self.cfg.optim.weight_decay),
                                         self.cfg.optim.lr)
         torch.manual_seed(self.cfg.seed + 1000 * facts.rank)  # dropout differs per rank, same on every run
