@@ -145,7 +145,7 @@ def _measure_saves(trainer, facts, args: argparse.Namespace) -> None:
     resolved = trainer.resolved
     planned_staging = async_staging_bytes(resolved.num_parameters, variant_of(resolved.deepspeed_config),
                                           trainer.cfg.train.precision, facts.world_size, facts.local_world_size)
-    ckpt = trainer.run_dir / "checkpoints" / "step_00000100"
+    ckpt = trainer.run_dir.checkpoints / "step_00000100"
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     if facts.is_main:
         Path(args.out).write_text(json.dumps({**results, "decoupled": decoupled, "async_stall": stalls,

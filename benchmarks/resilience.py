@@ -50,7 +50,7 @@ def _worker(args: argparse.Namespace) -> None:
         watched = trainer.progress  # records into BIGMODEL_PROGRESS_DIR, as under `launch local`
         unwatched = ProgressRecorder(None, facts.rank)
         times: dict[str, list[float]] = {"on": [], "off": []}
-        metrics_file = trainer.resolved.run_dir / "metrics.jsonl"
+        metrics_file = trainer.resolved.run_dir.metrics
         for block in range(args.blocks * 2):
             guarded = block % 2 == 0
             cfg.resilience.enabled = guarded

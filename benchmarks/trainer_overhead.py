@@ -71,7 +71,7 @@ def _compare(trainer, facts, args: argparse.Namespace) -> None:
 
     trainer_times: list[float] = []
     bare_times: list[float] = []
-    metrics_file = resolved.run_dir / "metrics.jsonl"
+    metrics_file = resolved.run_dir.metrics
     for block in range(args.blocks):
         cfg.train.max_steps = (block + 1) * args.block_steps  # the trainer continues where it stopped
         trainer.train()

@@ -39,6 +39,7 @@ from bigmodel_dist.faults import Faults
 from bigmodel_dist.fileio import write_json_atomically
 from bigmodel_dist.metrics import device_peak_tflops
 from bigmodel_dist.precision import cpu_name_and_flags
+from bigmodel_dist.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 GB = 1e9  # nccl-tests reports GB/s of 10^9 bytes
@@ -312,21 +313,21 @@ def _ranks_text(ranks: tuple[int, ...]) -> str:
     return "ranks " + ",".join(map(str, ranks))
 
 
-def write_report(report: HealthReport, run_dir: Path) -> Path:
+def write_report(report: HealthReport, run_dir: RunDir) -> Path:
     """RUN_DIR/logs/health-<UTC time>.json: everything measured, and the verdict."""
-    path = run_dir / "logs" / f"health-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    path = run_dir.logs / f"health-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(path, report.as_dict())
     return path
 
 
-def record_bad_nodes(report: HealthReport, run_dir: Path, report_path: str) -> None:
+def record_bad_nodes(report: HealthReport, run_dir: RunDir, report_path: str) -> None:
     """One `bad_node` incident per bad node in the run's metrics.jsonl, at the step the run is at."""
     from bigmodel_dist.metrics_file import append_incident, read_metrics
 
     if not report.bad:
         return
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir.metrics
     step = read_metrics(metrics).last_step()
     metrics.parent.mkdir(parents=True, exist_ok=True)
     for unit in report.bad:
@@ -335,7 +336,7 @@ def record_bad_nodes(report: HealthReport, run_dir: Path, report_path: str) -> N
 
 
 def check_before_training(facts: DistributedFacts, resilience: ResilienceConfig, logging_cfg: LoggingConfig,
-                          run_dir: Path, faults: Faults) -> None:
+                          run_dir: RunDir, faults: Faults) -> None:
     """Collective, in a process group that is already up (a Ray worker group): the health check, its
     report on rank 0, and a RunFailedError on every rank naming the bad nodes, if any."""
     from bigmodel_dist.errors import RunFailedError
@@ -350,4 +351,4 @@ def check_before_training(facts: DistributedFacts, resilience: ResilienceConfig,
         record_suspect_nodes(report.bad_hosts)
     if report.bad:
         raise RunFailedError(f"node health check: bad {', '.join(u.name for u in report.bad)}; see "
-                             f"{run_dir / 'logs'}/health-*.json", on_every_rank=True)
+                             f"{run_dir.logs}/health-*.json", on_every_rank=True)

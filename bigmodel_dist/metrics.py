@@ -12,12 +12,12 @@ import secrets
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Literal, cast
 
 from bigmodel_dist.config.schema import LoggingConfig
 from bigmodel_dist.fileio import write_text_atomically
 from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 WandbMode = Literal["online", "offline", "disabled"]  # logging.wandb_mode, checked by the config schema
@@ -41,7 +41,7 @@ class MetricsLogger:
     online falls back to offline, offline to disabled, with a warning.
     """
 
-    def __init__(self, run_dir: Path, logging_cfg: LoggingConfig, config: dict, is_main: bool, max_steps: int):
+    def __init__(self, run_dir: RunDir, logging_cfg: LoggingConfig, config: dict, is_main: bool, max_steps: int):
         self.is_main = is_main
         self.run_id: str | None = None
         self._file = None
@@ -52,8 +52,8 @@ class MetricsLogger:
         self._pending_wandb: dict[str, int] = {}
         if not is_main:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "metrics.jsonl"
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        path = run_dir.metrics
         history = read_metrics(path)
         # Steps already in W&B from earlier processes: every step a trainer wrote, also the steps that a
         # rollback redid since (W&B refuses to go back below them).
@@ -70,7 +70,7 @@ class MetricsLogger:
                                                name="wandb-start", daemon=True)
         self._wandb_starter.start()
 
-    def _start_wandb(self, run_dir: Path, logging_cfg: LoggingConfig, config: dict) -> None:
+    def _start_wandb(self, run_dir: RunDir, logging_cfg: LoggingConfig, config: dict) -> None:
         self._wandb_run = start_wandb(run_dir, logging_cfg, config, self.run_id)
 
     def mark_restart(self, step: int, redone_through: int | None = None) -> None:
@@ -154,9 +154,9 @@ class MetricsLogger:
             self._file.close()
 
 
-def wandb_run_id(run_dir: Path) -> str:
+def wandb_run_id(run_dir: RunDir) -> str:
     """The run's W&B id, kept in the run dir so every restart continues the same W&B run."""
-    path = run_dir / "wandb_run_id"
+    path = run_dir.wandb_run_id
     if path.is_file():
         return path.read_text().strip()
     run_id = secrets.token_hex(4)
@@ -164,7 +164,7 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def start_wandb(run_dir: Path, logging_cfg: LoggingConfig, config: dict, run_id: str | None):
+def start_wandb(run_dir: RunDir, logging_cfg: LoggingConfig, config: dict, run_id: str | None):
     mode = logging_cfg.wandb_mode
     if mode == "disabled":
         return None
@@ -177,7 +177,7 @@ def start_wandb(run_dir: Path, logging_cfg: LoggingConfig, config: dict, run_id:
             import wandb
 
             return wandb.init(
-                project=logging_cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                project=logging_cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir.path),
                 mode=cast(WandbMode, attempt), config=config,
                 settings=wandb.Settings(init_timeout=logging_cfg.wandb_init_timeout_s, console="off", silent=True),
             )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +23,18 @@ INCIDENT_STYLE = {"hang": ("X", "black"), "bad_node": ("s", "purple"), "straggle
                   "resize": ("^", "green")}
 
 
-def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+def plot_run(run_dir: RunDir, out: Path | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    history = read_metrics(run_dir / "metrics.jsonl")
+    history = read_metrics(run_dir.metrics)
     if history.bad_lines:
-        log.warning("%s: skipped %d unreadable line(s)", run_dir / "metrics.jsonl", history.bad_lines)
+        log.warning("%s: skipped %d unreadable line(s)", run_dir.metrics, history.bad_lines)
     if not history.series("loss")[0]:
-        raise UserInputError(f"{run_dir / 'metrics.jsonl'}: no training steps logged yet; plot a run that has trained")
-    out = out or run_dir / "metrics.png"
+        raise UserInputError(f"{run_dir.metrics}: no training steps logged yet; plot a run that has trained")
+    out = out or run_dir.plot
     figure, axes = plt.subplots(len(PANELS), 1, figsize=(9, 8), sharex=True)
     for axis, (key, second, label) in zip(axes, PANELS):
         steps, values = history.series(key)

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from bigmodel_dist.metrics_file import LAUNCHER, MetricsHistory
+from bigmodel_dist.run_dir import RunDir
 
 GROW_PREFIX = "grow"  # a stop reason that starts with it: the launcher stopped the run to grow it
 
 
-def stop_reason_at(run_dir: Path, step: int) -> str | None:
+def stop_reason_at(run_dir: RunDir, step: int) -> str | None:
     """Why the previous rank group stopped, when it stopped at `step` (its STOPPED marker): a periodic
     checkpoint at the stop step is not saved again, so the checkpoint itself may not say it."""
     try:
-        marker = json.loads((run_dir / "STOPPED").read_text())
+        marker = json.loads(run_dir.stopped.read_text())
     except (OSError, ValueError):
         return None
     if marker.get("step") != step:

@@ -139,7 +139,7 @@ class Trainer:
         accelerator = create_accelerator(resolved.deepspeed_config, self.cfg.train.precision)
         self._resources.callback(accelerator.end_training)
         if facts.is_main:
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            save_config(self.cfg, self.run_dir.config)
         self.clock.mark("process group")
         if facts.is_main:
             log.info("process group ready: %d rank(s), %s; opening data, building the model and engine",
@@ -165,7 +165,7 @@ class Trainer:
                                         self.cfg.optim.lr)
         torch.manual_seed(self.cfg.seed + 1000 * facts.rank)  # dropout differs per rank, same on every run
         if facts.is_main:  # as DeepSpeed got it, Accelerate's fill-ins and the universal-load flag included
-            write_json_atomically(self.run_dir / "ds_config.json", deepspeed_config_as_run(self.runtime.engine))
+            write_json_atomically(self.run_dir.deepspeed_config, deepspeed_config_as_run(self.runtime.engine))
         self.clock.mark("model + engine")
         verified = choice.result()  # collective: the checksums read while the engine was built
         if verified is not resume:  # it failed its checks: an older one, or none
@@ -188,7 +188,7 @@ class Trainer:
                                    self.cfg.train.eval_batches)
         resized = resume is not None and resume.meta["world_size"] != facts.world_size and facts.is_main
         # Read before the restart marker below: the last line the previous rank group wrote.
-        history_before = read_metrics(self.run_dir / "metrics.jsonl") if resized else None
+        history_before = read_metrics(self.run_dir.metrics) if resized else None
         self.metrics.mark_restart(self.state.step)
         if resume is not None and history_before is not None:
             details = resize_details(resume.meta["world_size"], facts.world_size, self.state.step,
@@ -524,14 +524,14 @@ class Trainer:
         self.runtime.accelerator.wait_for_everyone()
         if self.facts.is_main:
             # A marker the launcher reads: workers' exit codes do not survive torchrun (it exits 1).
-            marker = "STOPPED" if self.state.stop_reason else "COMPLETED"
+            marker = self.run_dir.stopped if self.state.stop_reason else self.run_dir.completed
             done = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "finished_at": time.time(),
                     "stop_reason": self.state.stop_reason, "stop_request": _request_in(self.facts.stop_file)}
-            write_text_atomically(self.run_dir / marker, json.dumps(done) + "\n")
+            write_text_atomically(marker, json.dumps(done) + "\n")
             if self.state.stop_reason:
                 return
-            log.info("done: checkpoints in %s, metrics in %s%s", self.run_dir / "checkpoints",
-                     self.run_dir / "metrics.jsonl",
+            log.info("done: checkpoints in %s, metrics in %s%s", self.run_dir.checkpoints,
+                     self.run_dir.metrics,
                      f", W&B files in {self.metrics.wandb_dir}" if self.metrics.wandb_dir else "")
 
     def close(self) -> None:

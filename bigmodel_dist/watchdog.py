@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bigmodel_dist.config.schema import ResilienceConfig
 from bigmodel_dist.progress import DUMP_SIGNAL, Progress, read_progress
+from bigmodel_dist.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 SELF_WATCH_INTERVAL_S = 0.5  # how often a self-watching rank reads its record
@@ -80,7 +81,7 @@ def suspects_of(ranks: list[Progress]) -> list[int]:
     return sorted(p.rank for p in ranks if p.position() < ahead)
 
 
-def write_diagnosis(hang: Hang, progress_dir: Path, run_dir: Path) -> Path:
+def write_diagnosis(hang: Hang, progress_dir: Path, run_dir: RunDir) -> Path:
     """Ask every rank for its stacks, then gather them with the records into a new hang folder."""
     for p in hang.ranks:
         try:
@@ -90,7 +91,7 @@ def write_diagnosis(hang: Hang, progress_dir: Path, run_dir: Path) -> Path:
     _request_flight_records(progress_dir)
     _wait_for_dumps(progress_dir, [p.rank for p in hang.ranks])
     host = socket.gethostname()
-    folder = run_dir / "logs" / f"hang-{time.strftime('%Y%m%d-%H%M%S')}-{host}"
+    folder = run_dir.logs / f"hang-{time.strftime('%Y%m%d-%H%M%S')}-{host}"
     folder.mkdir(parents=True, exist_ok=True)
     for p in hang.ranks:
         stacks = progress_dir / f"rank-{p.rank}.stacks"
@@ -159,7 +160,7 @@ class SelfWatchdog:
     incident (rank 0), and ends the process with the hang exit code: Ray then restarts the worker group,
     which resumes from the last checkpoint. Every rank of a hung group declares its own hang."""
 
-    def __init__(self, progress_dir: Path, cfg: ResilienceConfig, rank: int, run_dir: Path, is_main: bool):
+    def __init__(self, progress_dir: Path, cfg: ResilienceConfig, rank: int, run_dir: RunDir, is_main: bool):
         self._watchdog = HangWatchdog(progress_dir, cfg)
         self._rank, self._run_dir, self._is_main, self._cfg = rank, run_dir, is_main, cfg
         self._stop = threading.Event()
@@ -177,7 +178,7 @@ class SelfWatchdog:
 
     def _end(self, hang: Hang) -> None:
         host = socket.gethostname()
-        folder = self._run_dir / "logs" / f"hang-{time.strftime('%Y%m%d-%H%M%S')}-{host}-rank{self._rank}"
+        folder = self._run_dir.logs / f"hang-{time.strftime('%Y%m%d-%H%M%S')}-{host}-rank{self._rank}"
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f"rank-{self._rank}.stacks.txt", "w") as out:
             faulthandler.dump_traceback(out, all_threads=True)
@@ -188,7 +189,7 @@ class SelfWatchdog:
             from bigmodel_dist.metrics_file import append_incident
 
             step = max((p.step for p in hang.ranks), default=0)
-            append_incident(self._run_dir / "metrics.jsonl", "hang", step, host=host, silent_s=hang.silent_s,
+            append_incident(self._run_dir.metrics, "hang", step, host=host, silent_s=hang.silent_s,
                             suspects=[], diagnosis=str(folder))
         # Not through `logging`: the hung thread may hold its lock.
         os.write(2, (f"hang: rank {self._rank}: {hang.summary()}; stacks in {folder}; ending this worker "

@@ -296,11 +296,12 @@ def _cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
     from pathlib import Path
 
     from bigmodel_dist.plot import plot_run
+    from bigmodel_dist.run_dir import RunDir
     from launcher.logs import setup_logging
 
     setup_logging()
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
+    run_dir = RunDir(Path(os.path.abspath(args.run_dir)))
+    if not run_dir.metrics.is_file():
         raise UserInputError(f"{run_dir}: no metrics.jsonl; give a run directory such as runs/gpt2-tiny")
     print(plot_run(run_dir, Path(args.out) if args.out else None))
     return 0

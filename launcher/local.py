@@ -30,10 +30,11 @@ from bigmodel_dist.metrics_file import append_incident
 from bigmodel_dist.precision import DeviceInfo, detect_device
 from bigmodel_dist.preemption import StopSignals
 from bigmodel_dist.progress import PROGRESS_DIR_ENV
+from bigmodel_dist.run_dir import RunDir
 from bigmodel_dist.suspects import record_suspect_nodes
 from bigmodel_dist.watchdog import HangWatchdog, flight_recorder_env, write_diagnosis
 from launcher.logs import setup_logging
-from launcher.run_inputs import prepare_for, resume_override
+from launcher.run_inputs import check_previous_run, prepare_for, resume_override
 
 log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 0.5  # how often the hang watchdog reads the ranks' progress
@@ -140,6 +141,10 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
         warning = fit_warning(resolved, max(sizes), memory, nodes=max(sizes) // nproc)
         if warning:
             log.warning(warning)
+    finished = check_previous_run(resolved)  # a checkpoint of another model or batch: one line, here
+    if finished and nodes == (1, 1):  # (other nodes would wait in the rendezvous: there the trainer says it)
+        log.info(finished)
+        return 0
     prepare_for(resolved)  # here, not in the workers: a progress bar, and input errors before torchrun
     if signals.received:
         log.warning("%s before training started: nothing new to save; exit %d asks to requeue",
@@ -159,16 +164,16 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
         code = _supervise(child, HangWatchdog(progress_dir, resolved.config.resilience), resolved.run_dir)
     else:
         code = child.wait()
-    if code is None and _marker_since(resolved.run_dir / "COMPLETED", started):
+    if code is None and _marker_since(resolved.run_dir.completed, started):
         log.warning("the workers hung shutting down after the run had completed and saved; treating it as success")
         code = 0
     elif code is None:  # hung: diagnosed and ended
         return resolved.config.resilience.hang_exit_code
-    if _marker_since(resolved.run_dir / "STOPPED", started) or signals.received:
+    if _marker_since(resolved.run_dir.stopped, started) or signals.received:
         code = requeue_code
         log.warning("training was asked to stop (%s) and saved what was new; exit %d asks to requeue",
                     signals.received or "on a worker", code)
-    elif code != 0 and _marker_since(resolved.run_dir / "COMPLETED", started):
+    elif code != 0 and _marker_since(resolved.run_dir.completed, started):
         # Workers sometimes abort in interpreter teardown after all work is saved (seen with gloo).
         log.warning("torchrun exited %d after the run had completed and saved; treating it as success", code)
         code = 0
@@ -176,7 +181,7 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
     return code
 
 
-def _supervise(child: subprocess.Popen, watchdog: HangWatchdog, run_dir: Path) -> int | None:
+def _supervise(child: subprocess.Popen, watchdog: HangWatchdog, run_dir: RunDir) -> int | None:
     """torchrun's exit code, or None after a hang: stacks dumped, processes ended, incident recorded."""
     while True:
         try:
@@ -192,7 +197,7 @@ def _supervise(child: subprocess.Popen, watchdog: HangWatchdog, run_dir: Path) -
             _end_tree(child)
         step = max((p.step for p in hang.ranks), default=0)
         hosts = [socket.gethostname()] if hang.suspects else []
-        append_incident(run_dir / "metrics.jsonl", "hang", step, host=socket.gethostname(), silent_s=hang.silent_s,
+        append_incident(run_dir.metrics, "hang", step, host=socket.gethostname(), silent_s=hang.silent_s,
                         suspects=hang.suspects, diagnosis=str(folder))
         record_suspect_nodes(hosts)
         log.error("hang: %s; stacks and positions in %s; ended this node's processes", hang.summary(), folder)

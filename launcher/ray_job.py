@@ -23,11 +23,13 @@ from typing import Any
 
 from bigmodel_dist.config import load_config
 from bigmodel_dist.config.loader import to_dict
+from bigmodel_dist.config.paths import output_paths
 from bigmodel_dist.config.schema import Config
 from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
 from bigmodel_dist.precision import DeviceInfo
 from bigmodel_dist.resize import GROW_PREFIX
+from bigmodel_dist.run_dir import RunDir
 from launcher.logs import setup_logging
 from launcher.ray_elastic import (
     GrowWatcher,
@@ -47,18 +49,36 @@ FIT_THREAD = "ray-train-fit"  # trainer.fit() runs in it, so that the main threa
 FIT_JOIN_S = 0.5  # how often the main thread looks up from waiting for fit() to log a stop it heard
 
 
-def storage_path(cfg: Config, run_dir: Path) -> str:
+def storage_path(cfg: Config, run_dir: RunDir) -> str:
     """Ray's storage_path: its run folder (storage_path/name) goes inside our run directory by default."""
-    return cfg.ray.storage_path or str(run_dir / "ray")
+    return cfg.ray.storage_path or str(run_dir.ray_storage)
 
 
-def check_output_dir(cfg: Config) -> None:
-    # The job's working directory is Ray's temporary copy of the submitted folder: a relative run
-    # directory would vanish with it, and other nodes could not see it.
-    if not Path(cfg.output_dir).is_absolute():
-        raise UserInputError(f"config field output_dir: {cfg.output_dir!r} is relative, so the run would land in "
-                             "Ray's temporary copy of the working dir; give an absolute path on storage every node "
-                             "sees, e.g. --output_dir=/shared/runs")
+RAY_WORKING_DIR_COPIES = "runtime_resources/working_dir_files"  # where Ray unpacks `--working-dir`
+
+
+def ray_working_dir_copy(cwd: Path) -> Path | None:
+    """The root of Ray's temporary copy of the submitted folder when `cwd` lies in one, else None."""
+    parts = cwd.parts
+    marker = tuple(RAY_WORKING_DIR_COPIES.split("/"))
+    for i in range(len(parts) - len(marker)):
+        if parts[i : i + len(marker)] == marker:
+            return Path(*parts[: i + len(marker) + 1])
+    return None
+
+
+def check_output_dir(cfg: Config, cwd: Path | None = None) -> None:
+    """Relative paths mean "relative to where the command ran"; under `ray job submit --working-dir` that
+    is Ray's temporary copy of the submitted folder. Inputs there are fine (Ray unpacks the same copy for
+    every worker), but a folder the run writes would vanish with the job and other nodes would not see it."""
+    copy = ray_working_dir_copy(cwd or Path.cwd())
+    if copy is None:
+        return
+    for field, value in output_paths(cfg).items():
+        if Path(value).is_relative_to(copy):
+            raise UserInputError(f"config field {field}: {value} is inside Ray's temporary copy of the working dir "
+                                 f"({copy}), which Ray deletes after the job and other nodes do not see; give an "
+                                 f"absolute path on storage every node sees, e.g. --{field}=/shared/runs")
 
 
 def ray_workers_device(cfg: Config) -> DeviceInfo:
@@ -140,7 +160,7 @@ def build_trainer(resolved: ResolvedRun, stop_file: Path, num_workers: int, max_
     callbacks: list[Any] = []  # ray.tune.Callback
     if cfg.logging.wandb_mode != "disabled":
         callbacks.append(WandbOnController(run_dir, cfg.logging, to_dict(cfg), wandb_run_id(run_dir),
-                                           read_metrics(run_dir / "metrics.jsonl").last_step()))
+                                           read_metrics(run_dir.metrics).last_step()))
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "stop_file": str(stop_file)},
@@ -196,7 +216,7 @@ def _train_elastic(resolved: ResolvedRun, stop: DriverStop) -> int:
             return cfg.checkpoint.requeue_exit_code
         stop_file = new_stop_file(resolved.run_dir)
         # The group holds its workers' resources once it writes metrics (Ray starts a group whole).
-        placed = written_since(resolved.run_dir / "metrics.jsonl", time.time())
+        placed = written_since(resolved.run_dir.metrics, time.time())
         watcher = GrowWatcher(size, sizes, per_worker, stop_file, grow_after, placed).start()
         try:
             code = _train(resolved, stop, stop_file, size, max_failures=0)
@@ -238,8 +258,8 @@ def _train(resolved: ResolvedRun, stop: DriverStop, stop_file: Path, num_workers
     result = _fit_hearing_stops(build_trainer(resolved, stop_file, num_workers, max_failures), stop, wait_s)
     if result.error is not None:  # fit() raises in current Ray; older versions return the error
         raise result.error
-    stopped = _marker_since(run_dir / "STOPPED", started)
-    if stopped is not None or (stop.received and _marker_since(run_dir / "COMPLETED", started) is None):
+    stopped = _marker_since(run_dir.stopped, started)
+    if stopped is not None or (stop.received and _marker_since(run_dir.completed, started) is None):
         at = _stopped_at(run_dir, stopped)
         why = stop_reason(stop_file) or (stopped or {}).get("stop_reason")
         if (why or "").startswith(GROW_PREFIX) and not stop.received:
@@ -249,11 +269,11 @@ def _train(resolved: ResolvedRun, stop: DriverStop, stop_file: Path, num_workers
         log.warning("stopped %s (%s)%s; exit %d asks to requeue: resubmitting run name %r resumes there", at, why,
                     took, requeue_code, cfg.name)
         return requeue_code
-    log.info("done: checkpoints in %s, metrics in %s", run_dir / "checkpoints", run_dir / "metrics.jsonl")
+    log.info("done: checkpoints in %s, metrics in %s", run_dir.checkpoints, run_dir.metrics)
     return 0
 
 
-def _stopped_at(run_dir: Path, stopped: dict[str, Any] | None) -> str:
+def _stopped_at(run_dir: RunDir, stopped: dict[str, Any] | None) -> str:
     from bigmodel_dist.checkpoint.manager import newest_committed
 
     if stopped is None:

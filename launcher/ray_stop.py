@@ -30,6 +30,7 @@ from typing import Any
 
 from bigmodel_dist.fileio import write_text_atomically
 from bigmodel_dist.preemption import DEFAULT_STOP_SIGNALS, StopSignals
+from bigmodel_dist.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ DRIVER_SIGNALS = ("SIGINT",)
 DRAIN_POLL_S = 1.0  # reads a field in this process (Ray's own watcher asks the GCS every 5 s)
 
 
-def new_stop_file(run_dir: Path) -> Path:
+def new_stop_file(run_dir: RunDir) -> Path:
     """A request file no other driver uses (its folder is created; the file is not)."""
-    folder = run_dir / "ray"
+    folder = run_dir.ray_storage
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"stop-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
 

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from bigmodel_dist.config import load_config
+from bigmodel_dist.config.paths import output_paths
 from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.errors import UserInputError
 from launcher.logs import setup_logging
@@ -140,10 +141,11 @@ def launch_ray(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserInputError(f"config {args.config} is outside the working dir {working_dir}; the job reads it from "
                              "there, so move it in or pass --working-dir")
     cfg = load_config(config, overrides)
-    if not Path(cfg.output_dir).is_absolute():  # the job runs in Ray's copy of the working dir
-        overrides = [*overrides, f"--output_dir={Path(cfg.output_dir).resolve()}"]
-        log.info("output_dir %s -> %s (absolute, as the job needs)", cfg.output_dir, Path(cfg.output_dir).resolve())
-        cfg = load_config(config, overrides)
+    # The job runs in Ray's copy of the working dir: the folders the run writes are resolved here, where
+    # the command ran (inputs inside the working dir travel with it and resolve in the copy).
+    resolved_outputs = [f"--{field}={value}" for field, value in output_paths(cfg).items()]
+    log.info("output folders, resolved here: %s", " ".join(resolved_outputs))
+    overrides = [*overrides, *resolved_outputs]
     resolve_run(cfg, max(sizes_keeping_batch(cfg)), ray_workers_device(cfg))
     size = check_upload_size(working_dir)
     check_dashboard(args.address)

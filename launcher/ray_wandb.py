@@ -10,13 +10,13 @@ no hook to finish the W&B run.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback
 
 from bigmodel_dist.config.schema import LoggingConfig
 from bigmodel_dist.metrics import start_wandb
+from bigmodel_dist.run_dir import RunDir
 from launcher.ray_worker import BACKFILL_KEY
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class WandbOnController(ReportCallback, ControllerCallback):
     """Pickled to the controller actor; W&B starts there on the first report."""
 
-    def __init__(self, run_dir: Path, logging_cfg: LoggingConfig, config: dict[str, Any], run_id: str,
+    def __init__(self, run_dir: RunDir, logging_cfg: LoggingConfig, config: dict[str, Any], run_id: str,
                  already_logged_step: int):
         self.run_dir = run_dir
         self.logging_cfg = logging_cfg

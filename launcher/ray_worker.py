@@ -19,6 +19,7 @@ from typing import Any
 
 from bigmodel_dist.checkpoint.manager import newest_committed
 from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def resume_choice(manifest: dict[str, Any] | None, run_dir: Path, configured: str) -> str:
+def resume_choice(manifest: dict[str, Any] | None, run_dir: RunDir, configured: str) -> str:
     """`checkpoint.resume` for this (re)start of the worker group.
 
     An explicit user choice wins. Otherwise Ray's last registered checkpoint, unless the run directory
@@ -66,9 +67,9 @@ class RayReporter:
     (flushed per line, so complete); the controller logs those it has not seen.
     """
 
-    def __init__(self, run_dir: Path, is_main: bool, known_step: int = -1):
-        self.checkpoints = run_dir / "checkpoints"
-        self.metrics_file = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: RunDir, is_main: bool, known_step: int = -1):
+        self.checkpoints = run_dir.checkpoints
+        self.metrics_file = run_dir.metrics
         self.is_main = is_main
         self._last_reported_step = known_step  # Ray's newest record: not reported again
         self._backfill_sent = False

@@ -20,6 +20,7 @@ from bigmodel_dist.config import load_config
 from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
 from bigmodel_dist.precision import DeviceInfo
+from bigmodel_dist.run_dir import RunDir
 from launcher.logs import setup_logging
 from launcher.user_errors import report_user_errors
 
@@ -27,10 +28,10 @@ log = logging.getLogger(__name__)
 SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "pretrain_gpt.sh"
 
 
-def sbatch_command(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> list[str]:
+def sbatch_command(args: argparse.Namespace, overrides: list[str], run_dir: RunDir) -> list[str]:
     """The exact sbatch call: resources from the options, logs in the run directory."""
     command = ["sbatch", "--parsable", f"--job-name={run_dir.name}", f"--nodes={args.nodes}",
-               f"--output={run_dir.resolve() / 'logs' / '%x-%j.out'}"]
+               f"--output={run_dir.logs / '%x-%j.out'}"]
     if args.gpus_per_node:
         command.append(f"--gpus-per-node={args.gpus_per_node}")
     else:  # CPU nodes: processes per node come from --nproc-per-node
@@ -60,12 +61,12 @@ def launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
-    (resolved.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    resolved.run_dir.logs.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise UserInputError(f"sbatch refused the job: {result.stderr.strip().splitlines()[-1]}")
     job_id = result.stdout.strip().split(";")[0]
-    print(f"submitted job {job_id}; logs: {resolved.run_dir / 'logs' / f'{resolved.run_dir.name}-{job_id}.out'}; "
+    print(f"submitted job {job_id}; logs: {resolved.run_dir.logs / f'{resolved.run_dir.name}-{job_id}.out'}; "
           f"run dir: {resolved.run_dir}")
     return 0
 
@@ -180,7 +181,7 @@ def _preflight_for_script(config: str, overrides: list[str]) -> int:
     resolved = preflight(config, overrides)
     resilience = resolved.config.resilience
     print(resolved.config.checkpoint.requeue_exit_code, resilience.hang_exit_code, resilience.bad_node_exit_code,
-          int(resilience.health_check), resolved.run_dir.resolve(), file=for_script, flush=True)
+          int(resilience.health_check), resolved.run_dir, file=for_script, flush=True)
     return 0
 
 

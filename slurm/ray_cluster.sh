@@ -76,10 +76,8 @@ EOF
 
 WORKERS=$(( ${#NODES[@]} * (GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1) ))
 USE_GPU=$([[ $GPUS_PER_NODE -gt 0 ]] && echo true || echo false)
-# Ray SIGKILLs a stopped job's driver 3 s after its SIGTERM unless told otherwise: give the workers
-# time for one step and one checkpoint (ray.stop_wait_s).
-ray job submit --address "http://$HEAD_IP:$DASHBOARD_PORT" --working-dir . \
-    --runtime-env-json '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "300"}}' -- \
-    python -m launcher.ray_job "$CONFIG" --output_dir="$PWD/runs" --ray.num_workers="$WORKERS" \
+# `bigmodel launch ray`: relative paths are resolved here, in the submit directory (the job itself runs
+# in Ray's copy of it), and a stopped job's driver gets ray.stop_wait_s for its last checkpoint.
+python -m launcher.cli launch ray "$CONFIG" --address "http://$HEAD_IP:$DASHBOARD_PORT" --ray.num_workers="$WORKERS" \
     --ray.use_gpu="$USE_GPU" --ray.address="$HEAD_IP:$GCS_PORT" "$@"
 exit $?

@@ -16,6 +16,7 @@ import pytest
 from bigmodel_dist.config import load_config
 from bigmodel_dist.errors import ConfigError, UserInputError
 from bigmodel_dist.preemption import StopSignals
+from bigmodel_dist.run_dir import RunDir
 from launcher.ray_job import check_cluster_fits, check_output_dir
 from launcher.ray_stop import (
     JOB_CONFIG_ENV,
@@ -42,16 +43,16 @@ def _committed(run_dir: Path, step: int) -> Path:
 
 
 def test_resume_choice_prefers_the_newest_and_respects_an_explicit_choice(tmp_path):
-    run_dir = tmp_path / "run"
-    step4 = _committed(run_dir, 4)
+    run_dir = RunDir(tmp_path / "run")
+    step4 = _committed(run_dir.path, 4)
     assert resume_choice(None, run_dir, "latest") == "latest"  # Ray knows nothing: the run dir decides
     assert resume_choice({"step": 4, "path": str(step4)}, run_dir, "latest") == "latest"
-    _committed(run_dir, 8)  # saved, but the crash came before Ray registered it
+    _committed(run_dir.path, 8)  # saved, but the crash came before Ray registered it
     assert resume_choice({"step": 4, "path": str(step4)}, run_dir, "latest") == "latest"
     assert resume_choice({"step": 4, "path": str(step4)}, run_dir, "none") == "none"
     assert resume_choice({"step": 4, "path": str(step4)}, run_dir, str(step4)) == str(step4)
     # a run dir without checkpoints (e.g. a new output_dir) but Ray's record points at a real one
-    assert resume_choice({"step": 4, "path": str(step4)}, tmp_path / "elsewhere", "latest") == str(step4)
+    assert resume_choice({"step": 4, "path": str(step4)}, RunDir(tmp_path / "elsewhere"), "latest") == str(step4)
 
 
 def test_upload_size_applies_rayignore_and_refuses_over_the_limit(tmp_path):
@@ -81,9 +82,20 @@ def test_cluster_fit_and_output_dir_errors_name_the_field():
     check_cluster_fits(cfg, {"CPU": 64, "GPU": 4})
     with pytest.raises(UserInputError, match=r"ray.num_workers: 4 workers x 1 GPU need 4 GPU, the Ray cluster has 2"):
         check_cluster_fits(cfg, {"CPU": 64, "GPU": 2})
-    relative = load_config(REPO / "configs" / "gpt2-tiny.yaml")
-    with pytest.raises(UserInputError, match="config field output_dir: 'runs' is relative"):
-        check_output_dir(relative)
+
+def test_relative_outputs_refused_only_inside_rays_copy_of_the_working_dir(tmp_path):
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    (copy / "configs").mkdir(parents=True)
+    inside = load_config(REPO / "configs" / "gpt2-tiny.yaml", ["--data.paths=[corpus]"], base_dir=copy / "configs")
+    assert inside.output_dir == str(copy / "configs" / "runs") and inside.data.paths == [str(copy / "configs" / "corpus")]
+    with pytest.raises(UserInputError, match=r"config field output_dir: .*/_ray_pkg_abc/configs/runs is inside "
+                                             r"Ray's temporary copy of the working dir"):
+        check_output_dir(inside, cwd=copy / "configs")
+    # Inputs in the copy are fine (every worker gets one); so is a relative run dir outside a Ray job.
+    check_output_dir(load_config(REPO / "configs" / "gpt2-tiny.yaml", ["--data.paths=[corpus]",
+                                                                      "--output_dir=/shared/runs"], base_dir=copy),
+                     cwd=copy)
+    check_output_dir(load_config(REPO / "configs" / "gpt2-tiny.yaml", base_dir=tmp_path), cwd=tmp_path)
 
 
 def test_controller_logs_backfilled_steps_once(tmp_path, monkeypatch):
@@ -100,7 +112,7 @@ def test_controller_logs_backfilled_steps_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ray_wandb, "start_wandb", lambda *args: FakeRun())
     cfg = load_config(REPO / "configs" / "gpt2-tiny.yaml")
-    callback = ray_wandb.WandbOnController(tmp_path, cfg.logging, {}, "abc", already_logged_step=0)
+    callback = ray_wandb.WandbOnController(RunDir(tmp_path), cfg.logging, {}, "abc", already_logged_step=0)
     callback.after_report(None, [{"step": 1, "loss": 6.0}, {"step": 1, "loss": 6.0}])
     callback.after_report(None, [{"step": 2, "loss": 5.9}, {}])
     # a worker died with steps 3-4 in flight; the restart resumes at 4 and re-sends 1-4 once
@@ -123,9 +135,9 @@ def test_driver_signals_reach_the_stop_file_that_workers_poll(tmp_path):
         assert {"SIGINT", "SIGTERM", "SIGUSR1"} <= set(stop.signals.watched)  # SIGINT: RAY_JOB_STOP_SIGNAL
         os.kill(os.getpid(), signal.SIGTERM)  # what `ray job stop` sends; handled before kill returns
         assert stop.received == "SIGTERM"
-        stop_file = new_stop_file(tmp_path / "run")
+        stop_file = new_stop_file(RunDir(tmp_path / "run"))
         assert stop_file.parent == tmp_path / "run" / "ray" and not stop_file.exists()
-        assert new_stop_file(tmp_path / "run") != stop_file  # one per driver
+        assert new_stop_file(RunDir(tmp_path / "run")) != stop_file  # one per driver
         worker_view = StopSignals([], stop_file=str(stop_file))
         assert worker_view.received is None
         stop.attach(stop_file)

@@ -20,7 +20,7 @@ def train_and_collect(overrides: list[str]) -> dict:
         run_dir = trainer.run_dir
     if not facts.is_main:
         return {"losses": None, "params": None}
-    steps, losses = read_metrics(run_dir / "metrics.jsonl").series("loss")
+    steps, losses = read_metrics(run_dir.metrics).series("loss")
     return {"losses": [loss for step, loss in zip(steps, losses) if step > first_step], "params": params}
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel_dist.checkpoint.durable_file import save_durably
-from bigmodel_dist.checkpoint.integrity import describe_files
+from bigmodel_dist.checkpoint.integrity import describe_files, name_in
 from bigmodel_dist.fileio import write_error, write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class BackgroundWriter:
 
         def work() -> None:
             try:
-                described = {str(Path(path).relative_to(partial)): save_durably(state, path, pool).as_meta()
+                described = {name_in(partial, path): save_durably(state, path, pool).as_meta()
                              for state, path in pending}
                 described.update(describe_files(partial, sync_files))
                 write_json_atomically(partial / f"{REPORT_PREFIX}{self.rank}.json", described)

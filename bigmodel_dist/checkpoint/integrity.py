@@ -8,6 +8,7 @@ temporary directory that is then renamed: a directory without it is never chosen
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
-
-
+def name_in(ckpt_dir: Path, path: str | Path) -> str:
+    """`path`'s name relative to `ckpt_dir`, whichever of the two is relative or absolute (DeepSpeed
+    hands checkpoint engines the paths it was given, in their form)."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(ckpt_dir))
 
 
 def list_files(ckpt_dir: Path) -> list[str]:

@@ -27,6 +27,7 @@ from bigmodel_dist.checkpoint.integrity import (
     PARTIAL_PREFIX,
     describe_files,
     list_files,
+    name_in,
     read_checkpoint_meta,
     step_dir_name,
     step_dirs,
@@ -36,6 +37,7 @@ from bigmodel_dist.config.validate import ResolvedRun
 from bigmodel_dist.distributed import DistributedFacts, broadcast_from_rank0
 from bigmodel_dist.errors import RunFailedError, UserInputError
 from bigmodel_dist.fileio import fsync_path, write_error, write_json_atomically, write_text_atomically
+from bigmodel_dist.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,8 @@ FAILURE_ADVICE = "free space in (or fix) {dir}, then run again: it resumes from 
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, cfg: CheckpointConfig, facts: DistributedFacts):
-        self.dir = run_dir / "checkpoints"
+    def __init__(self, run_dir: RunDir, cfg: CheckpointConfig, facts: DistributedFacts):
+        self.dir = run_dir.checkpoints
         self.cfg = cfg
         self.facts = facts
         self._writer = BackgroundWriter(facts.rank)
@@ -120,7 +122,7 @@ class CheckpointManager:
         take = getattr(getattr(engine, "checkpoint_engine", None), "take_written", None)
         if take is None:  # another engine (DeepSpeed's own, as the benchmark swaps in): checksummed after
             return {}
-        return {str(Path(path).relative_to(partial)): digest.as_meta() for path, digest in take().items()}
+        return {name_in(partial, path): digest.as_meta() for path, digest in take().items()}
 
     def _describe(self, partial: Path, written: dict[str, dict]) -> list[dict[str, dict]]:
         """Every rank's share of the checkpoint's file descriptions: the files it wrote durably, and a
@@ -257,9 +259,9 @@ def check_resumable(resume: ResumePoint, resolved: ResolvedRun) -> None:
                                  "use the checkpoint's settings or a new run name")
 
 
-def newest_committed(run_dir: Path) -> ResumePoint | None:
+def newest_committed(run_dir: RunDir) -> ResumePoint | None:
     """The newest step directory with readable metadata (no checksums: a quick look, e.g. pre-flight)."""
-    for path in step_dirs(run_dir / "checkpoints"):
+    for path in step_dirs(run_dir.checkpoints):
         meta, _ = read_checkpoint_meta(path)
         if meta is not None:
             return ResumePoint(path, meta)

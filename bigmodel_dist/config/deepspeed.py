@@ -15,16 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel_dist.config.layout import BatchLayout
+from bigmodel_dist.config.paths import is_shipped_deepspeed_name
 from bigmodel_dist.config.schema import Config
 from bigmodel_dist.errors import ConfigError, UserInputError
 
-SHIPPED_DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+# configs/deepspeed/ of the repository, reached through a link inside the package so that a wheel
+# (pip install ., the Docker image) ships the named configs as package data.
+SHIPPED_DEEPSPEED_DIR = Path(__file__).parent / "shipped_deepspeed"
 
 
 def locate_deepspeed_json(name_or_path: str) -> Path:
     """A shipped name (zero2) or a path to a user's JSON."""
     candidate = Path(name_or_path)
-    if candidate.suffix != ".json" and "/" not in name_or_path:
+    if is_shipped_deepspeed_name(name_or_path):
         candidate = SHIPPED_DEEPSPEED_DIR / f"{name_or_path}.json"
     if not candidate.is_file():
         shipped = sorted(p.stem for p in SHIPPED_DEEPSPEED_DIR.glob("*.json"))
@@ -134,6 +137,9 @@ def check_offload_paths(ds: dict[str, Any], source: Path) -> None:
         if not nvme_path:
             raise UserInputError(f"DeepSpeed config {source}: zero_optimization.{block}.nvme_path is missing")
         path = Path(nvme_path)
+        if not path.is_absolute():  # each rank would resolve it in its own working directory
+            raise UserInputError(f"DeepSpeed config {source}: zero_optimization.{block}.nvme_path {nvme_path} is "
+                                 "relative; give an absolute path to a local NVMe folder")
         existing = next((p for p in (path, *path.parents) if p.exists()), None)
         if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
             raise UserInputError(

@@ -15,22 +15,26 @@ from typing import Any
 
 import yaml
 
+from bigmodel_dist.config.paths import absolute_path, with_absolute_paths
 from bigmodel_dist.config.schema import Config
 from bigmodel_dist.errors import ConfigError, UserInputError
 from bigmodel_dist.fileio import write_text_atomically
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Build the checked Config from an optional YAML file and `key.sub=value` overrides."""
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), base_dir: Path | None = None) -> Config:
+    """Build the checked Config from an optional YAML file and `key.sub=value` overrides. Relative paths
+    in it (and `path` itself) mean: relative to `base_dir`, the directory the command was run in by
+    default; the Config holds them absolute (`config/paths.py`)."""
+    base = Path.cwd() if base_dir is None else base_dir
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = _read_yaml(Path(absolute_path(str(path), base)))
     for override in overrides:
         dotted, value = _parse_override(override)
         _set_dotted(raw, dotted, value)
     config = _build(Config, raw, prefix="")
     config.check()
-    return config
+    return with_absolute_paths(config, base)
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -38,7 +42,8 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
-    """The inverse of `to_dict` (e.g. a config shipped to Ray workers), checked like a loaded one."""
+    """The inverse of `to_dict` (e.g. a config shipped to Ray workers), checked like a loaded one. Its
+    paths were made absolute where it was loaded; a relative one left in `raw` is an error of the caller."""
     config = _build(Config, raw, prefix="")
     config.check()
     return config

@@ -24,12 +24,13 @@ from bigmodel_dist.config.schema import Config
 from bigmodel_dist.errors import ConfigError, UserInputError
 from bigmodel_dist.model_presets import ModelShape, count_parameters, model_shape
 from bigmodel_dist.precision import DeviceInfo, choose_precision, detect_device
+from bigmodel_dist.run_dir import RunDir
 
 
 @dataclass(frozen=True)
 class ResolvedRun:
     config: Config
-    run_dir: Path
+    run_dir: RunDir
     layout: BatchLayout
     deepspeed_source: Path
     deepspeed_config: dict[str, Any]
@@ -52,9 +53,9 @@ class ResolvedRun:
         )
 
 
-def run_dir_of(cfg: Config) -> Path:
-    """Where a run keeps its config, metrics, checkpoints and markers: `<output_dir>/<name>`."""
-    return Path(cfg.output_dir) / cfg.name
+def run_dir_of(cfg: Config) -> RunDir:
+    """Where a run keeps its config, metrics, checkpoints and markers: `<output_dir>/<name>`, absolute."""
+    return RunDir.at(cfg.output_dir, cfg.name)
 
 
 def resolve_run(cfg: Config, world_size: int, device: DeviceInfo | None = None) -> ResolvedRun:
@@ -83,7 +84,7 @@ def resolve_run(cfg: Config, world_size: int, device: DeviceInfo | None = None) 
     if cfg.resilience.enabled:
         _check_save_timeout(cfg, count_parameters(shape), world_size)
     run_dir = run_dir_of(cfg)
-    _check_writable(run_dir, "output_dir")
+    _check_writable(run_dir.path, "output_dir")
     return ResolvedRun(cfg, run_dir, layout, source, ds, notes, shape, count_parameters(shape), precision_reason)
 
 

@@ -39,6 +39,7 @@ from bigmodel_dist.data.tokenizer import (
     train_bpe_tokenizer,
 )
 from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.run_dir import CACHE_DIR_NAME
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ __all__ = ["DOCS_PER_BATCH", "PREPARED_FORMAT_VERSION", "Plan", "cache_dir_of", 
 def cache_dir_of(data_cfg: DataConfig, output_dir: str) -> Path:
     """Where derived data (tokenizer, HF dataset cache, prepared shards) lives: `data.cache_dir` or
     `<output_dir>/.cache`."""
-    return Path(data_cfg.cache_dir or Path(output_dir) / ".cache")
+    return Path(os.path.abspath(data_cfg.cache_dir or Path(output_dir) / CACHE_DIR_NAME))
 
 
 def prepare_for_run(config: Config, vocab_size: int, progress: bool = True) -> Path:

@@ -16,10 +16,10 @@ import os
 import sysconfig
 from pathlib import Path
 
+from bigmodel_dist.config.paths import PYTHON_STDLIB
 from bigmodel_dist.config.schema import DataConfig
 from bigmodel_dist.errors import UserInputError
 
-PYTHON_STDLIB = "python-stdlib"
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` leaves in its folder
 
