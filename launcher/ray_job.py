@@ -146,9 +146,17 @@ def connect(cfg: Config) -> None:
                              "to a running cluster or set ray.address") from None
 
 
+# Ray Train's own node-drain watcher (an actor per worker group) duplicates launcher/ray_stop.py's, which
+# drives the project's stop-and-save, and its start logs an error line on every run (its constructor
+# arguments with max_restarts=-1, ray-project/ray#53727). Ray passes this variable on to its controller.
+RAY_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def build_trainer(resolved: ResolvedRun, stop_file: Path, num_workers: int, max_failures: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault(RAY_PREEMPTION_WATCHER_ENV, "0")
 
     from bigmodel_dist.metrics import wandb_run_id
     from bigmodel_dist.metrics_file import read_metrics

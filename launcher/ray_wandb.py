@@ -61,9 +61,15 @@ class WandbOnController(ReportCallback, ControllerCallback):
         self._finish()
 
     def _finish(self) -> None:
-        if self._run is not None:
-            try:
-                self._run.finish()
-            except Exception as exc:
-                log.warning("W&B finish failed (%s)", exc)
-            self._run = None
+        if self._run is None:
+            return
+        try:
+            self._run.finish()
+            # Now, while W&B's service process lives: left to W&B's atexit hook, the teardown runs after
+            # Ray has ended the controller's child processes and prints a ConnectionResetError traceback.
+            import wandb
+
+            wandb.teardown()
+        except Exception as exc:
+            log.warning("W&B finish failed (%s)", exc)
+        self._run = None

@@ -25,7 +25,8 @@ from launcher.logs import setup_logging
 from launcher.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
-SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "pretrain_gpt.sh"
+# slurm/pretrain_gpt.sh of the repository, through a link inside the package: a wheel ships it too.
+SCRIPT = Path(__file__).parent / "slurm_scripts" / "pretrain_gpt.sh"
 
 
 def sbatch_command(args: argparse.Namespace, overrides: list[str], run_dir: RunDir) -> list[str]:

@@ -1,0 +1,59 @@
+"""The README's two Ray commands as printed, from a fresh clone, on the local Ray head: a successful job
+must look successful (exit 0, no traceback, no error line), and relative paths follow the one policy
+(resolved where the command ran; refused where they would land in Ray's temporary copy).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ..guards import HANG_GUARD_S
+from ..journeys.fresh_clone import fresh_clone
+from .ray_cluster import job_env, netns_prefix
+
+pytestmark = pytest.mark.distributed
+STEPS = 6
+ALARMING = re.compile(r"Traceback|Exception ignored|\bERROR\b|Error:|\bFAILED\b")
+
+
+def _start(cluster, clone: Path, command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([*netns_prefix(), *command], cwd=clone, env=job_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _clean_success(job: subprocess.Popen) -> str:
+    output, _ = job.communicate(timeout=HANG_GUARD_S)
+    assert job.returncode == 0, output[-6000:]
+    alarming = [line for line in output.splitlines() if ALARMING.search(line)]
+    assert not alarming, "\n".join(alarming[:20])
+    return output
+
+
+def test_ray_job_submit_as_printed_succeeds_cleanly(ray_cluster, tmp_path):
+    clone = fresh_clone(tmp_path / "clone")
+    shared = tmp_path / "shared" / "runs"  # the README's --output_dir=/shared/runs
+    submit = ["ray", "job", "submit", "--address", ray_cluster.address, "--working-dir", ".", "--", "python", "-m",
+              "launcher.ray_job", "configs/gpt2-tiny.yaml", f"--output_dir={shared}", "--ray.num_workers=1..2",
+              f"--train.max_steps={STEPS}"]
+    launch = ["bigmodel", "launch", "ray", "configs/gpt2-tiny.yaml", "--address", ray_cluster.address,
+              f"--train.max_steps={STEPS}"]  # no --output_dir: `runs` here, where the command ran
+    jobs = {"submit": _start(ray_cluster, clone, submit), "launch": _start(ray_cluster, clone, launch)}
+    outputs = {name: _clean_success(job) for name, job in jobs.items()}
+    assert "succeeded" in outputs["submit"]
+    for run_dir in (shared / "gpt2-tiny", clone / "runs" / "gpt2-tiny"):
+        assert json.loads((run_dir / "COMPLETED").read_text())["step"] == STEPS, run_dir
+        assert (run_dir / "checkpoints" / f"step_{STEPS:08d}" / "bigmodel_meta.json").is_file()
+        assert list((run_dir / "wandb").glob("offline-run-*")), run_dir  # W&B from the controller, finished
+
+    # The README's line without --output_dir: `runs` would be Ray's temporary copy of the clone. One line.
+    refused = ray_cluster.run(submit[: submit.index(f"--output_dir={shared}")], env=job_env(), cwd=clone)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    errors = {line for line in output.splitlines() if "bigmodel: error:" in line}  # Ray quotes the driver's
+    assert len(errors) == 1 and "config field output_dir:" in min(errors) and "Ray's temporary copy" in min(errors), output
+    assert "Traceback" not in output, output[-3000:]

@@ -1,0 +1,63 @@
+"""`sbatch slurm/pretrain_gpt.sh CONFIG` as the README prints it, from a fresh clone's root, on the real
+local Slurm cluster: no --output_dir (the run lands in the submit directory's `runs/`), through its
+first checkpoint, a preemption (the time-limit warning `--signal=B:USR1`), the requeue and the end.
+
+The cluster's nodes have 2 (fake) GPUs each, so the node and GPU counts of the README's line become the
+cluster's; the step counts are added. Everything else is as printed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from bigmodel_dist.metrics_file import read_metrics
+
+from ..guards import HANG_GUARD_S
+from ..test_slurm import _job_field, _wait
+from .fresh_clone import fresh_clone, user_env
+
+pytestmark = pytest.mark.distributed
+EVERY, STEPS = 5, 20
+
+
+def _wait_for(path: Path, what: str, job: str) -> None:
+    guard = time.monotonic() + HANG_GUARD_S
+    while not path.exists():
+        assert _job_field(job, "JobState") in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} ended before {what}"
+        assert time.monotonic() < guard, f"{what} not written within the hang guard"
+        time.sleep(0.5)
+
+
+def test_sbatch_as_printed_saves_is_preempted_requeued_and_finishes(slurm_cluster, tmp_path):
+    clone = fresh_clone(tmp_path / "clone")
+    command = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=1", "slurm/pretrain_gpt.sh",
+               "configs/gpt2-tiny.yaml", f"--train.max_steps={STEPS}", f"--checkpoint.every={EVERY}"]
+    submitted = subprocess.run(command, cwd=clone, env=user_env(), capture_output=True, text=True, check=True)
+    job = submitted.stdout.strip().split(";")[0]
+    run_dir = clone / "runs" / "gpt2-tiny"
+    log_file = clone / f"slurm-bigmodel-pretrain-{job}.out"  # the script's own --output, in the submit dir
+
+    _wait_for(run_dir / "checkpoints" / f"step_{EVERY:08d}" / "bigmodel_meta.json", "the first checkpoint", job)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # what --signal=B:USR1@300 sends
+    state = _wait(job)
+    log = log_file.read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert _job_field(job, "Restarts") == "1", log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    stopped = json.loads((run_dir / "STOPPED").read_text())
+    assert EVERY <= stopped["step"] < STEPS
+    assert re.search(rf"batch: exit 85; requeueing job {job} \(restart 0\)", log), log[-4000:]
+    assert f"job {job} (restart 1)" in log and f"resumed from {run_dir / 'checkpoints'}" in log, log[-4000:]
+    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == STEPS
+    meta = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "bigmodel_meta.json").read_text())
+    assert meta["world_size"] == 2  # one rank on each node
+    history = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in history.restarts] == [stopped["step"]]
+    logged = history.series("loss")[0]  # every log_every steps, and the resume's first
+    assert logged == sorted(set(logged)) and logged[-1] == STEPS, logged
