@@ -6,7 +6,9 @@ must look successful (exit 0, no traceback, no error line), and relative paths f
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -57,3 +59,56 @@ def test_ray_job_submit_as_printed_succeeds_cleanly(ray_cluster, tmp_path):
     errors = {line for line in output.splitlines() if "bigmodel: error:" in line}  # Ray quotes the driver's
     assert len(errors) == 1 and "config field output_dir:" in min(errors) and "Ray's temporary copy" in min(errors), output
     assert "Traceback" not in output, output[-3000:]
+
+
+# slurm/ray_cluster.sh on a one-node "allocation": `srun` runs its command here (stripped of its srun
+# options; `hostname -I` answers the loopback address), `scontrol` names the one node. The Ray head the
+# script starts lives in a network namespace of its own (only `lo`), so it binds loopback only and
+# meets no port of the shared test cluster; what it leaves is ended by the namespace's PIDs.
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ $# -gt 0 && "$1" == -* ]]; do [[ "$1" == -w ]] && shift; shift; done
+[[ "$*" == "hostname -I" ]] && { echo 127.0.0.1; exit 0; }
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[[ "$1 $2" == "show hostnames" ]] && echo n1
+exit 0
+"""
+SCRIPT_NAMESPACE = "bigmodel-ray-sbatch"
+
+
+def _end_namespace() -> None:
+    listed = subprocess.run(["ip", "netns", "pids", SCRIPT_NAMESPACE], capture_output=True, text=True).stdout
+    for pid in map(int, listed.split()):
+        try:
+            os.kill(pid, signal.SIGKILL)  # only processes of the namespace this test made
+        except ProcessLookupError:
+            pass
+    subprocess.run(["ip", "netns", "delete", SCRIPT_NAMESPACE], capture_output=True)
+
+
+def test_ray_cluster_script_starts_ray_and_runs_the_job_from_the_submit_dir(tmp_path):
+    clone = fresh_clone(tmp_path / "clone")
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (stand_ins / name).write_text(body)
+        (stand_ins / name).chmod(0o755)
+    env = {**job_env(), "PATH": f"{stand_ins}{os.pathsep}{job_env()['PATH']}", "SLURM_SUBMIT_DIR": str(clone),
+           "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "n1", "SLURM_CPUS_ON_NODE": "2",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_num_prestart_python_workers": "0"}
+    _end_namespace()
+    subprocess.run(["ip", "netns", "add", SCRIPT_NAMESPACE], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", SCRIPT_NAMESPACE, "ip", "link", "set", "lo", "up"], check=True)
+        # The README's line: `sbatch ... slurm/ray_cluster.sh CONFIG [overrides]`, here the batch shell itself.
+        job = subprocess.run(["ip", "netns", "exec", SCRIPT_NAMESPACE, "bash", "slurm/ray_cluster.sh",
+                              "configs/gpt2-tiny.yaml", f"--train.max_steps={STEPS}"], cwd=clone, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=HANG_GUARD_S)
+    finally:
+        _end_namespace()
+    assert job.returncode == 0, job.stdout[-6000:]
+    assert "ray: 1 node(s) joined" in job.stdout, job.stdout[-3000:]
+    run_dir = clone / "runs" / "gpt2-tiny"  # the default `runs`: the submit directory's
+    assert json.loads((run_dir / "COMPLETED").read_text())["step"] == STEPS, job.stdout[-3000:]
+    assert "Traceback" not in job.stdout, job.stdout[-6000:]

@@ -135,7 +135,8 @@ README_ROWS = {
     "bigmodel launch local": "tests/journeys/test_readme.py::test_from_another_directory_with_a_relative_config_and_async_saves",
     "sbatch slurm/pretrain_gpt.sh": "tests/journeys/test_slurm_readme.py::test_sbatch_as_printed_saves_is_preempted_requeued_and_finishes",
     "ray job submit": "tests/cluster/test_ray_readme.py::test_ray_job_submit_as_printed_succeeds_cleanly",
-    "sbatch slurm/ray_cluster.sh": "tests/test_slurm_script.py::test_ray_cluster_script_is_valid_bash",
+    "sbatch slurm/ray_cluster.sh":
+        "tests/cluster/test_ray_readme.py::test_ray_cluster_script_starts_ray_and_runs_the_job_from_the_submit_dir",
     "torchrun": "tests/journeys/test_readme.py::test_torchrun_and_accelerate_rows",
     "accelerate launch": "tests/journeys/test_readme.py::test_torchrun_and_accelerate_rows",
     "bigmodel plan": "tests/journeys/test_readme.py::test_the_readme_table_from_the_repository_root",
@@ -144,6 +145,14 @@ README_ROWS = {
     "bigmodel prepare": "tests/journeys/test_readme.py::test_the_readme_table_from_the_repository_root",
     "bigmodel export": "tests/journeys/test_readme.py::test_the_readme_table_from_the_repository_root",
     "bigmodel plot": "tests/journeys/test_readme.py::test_the_readme_table_from_the_repository_root",
+}
+# slurm/README.md's commands (its ```bash blocks), by how they start, and the test that runs each.
+SLURM_README = {
+    "sbatch --nodes=4 --gpus-per-node=8 --time=24:00:00 slurm/pretrain_gpt.sh": README_ROWS["sbatch slurm/pretrain_gpt.sh"],
+    "bigmodel launch slurm": "tests/journeys/test_readme.py::test_the_readme_table_from_the_repository_root",
+    "BIGMODEL_PREPARE_TASKS=64 sbatch --partition=cpu --cpus-per-task=4 slurm/prepare.sh":
+        "tests/journeys/test_slurm_readme.py::test_sbatch_as_printed_saves_is_preempted_requeued_and_finishes",
+    "sbatch --nodes=4 --gpus-per-node=8 slurm/ray_cluster.sh": README_ROWS["sbatch slurm/ray_cluster.sh"],
 }
 # Commands a row holds after " or " (a second way to start the same thing).
 ALSO = {"bigmodel launch slurm": "tests/journeys/test_readme.py::test_the_readme_table_from_the_repository_root",
@@ -165,5 +174,11 @@ def test_every_readme_row_has_a_test():
         assert owner is not None, f"README command {command!r} has no test in README_ROWS"
         path, name = covered[owner].split("::")
         assert f"def {name}(" in (REPO / path).read_text(), f"{covered[owner]} (for {command!r}) does not exist"
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "slurm" / "README.md").read_text(), re.S)
+    for command in (line for block in blocks for line in block.splitlines() if line.strip()):
+        owner = next((prefix for prefix in SLURM_README if command.startswith(prefix)), None)
+        assert owner is not None, f"slurm/README.md command {command!r} has no test in SLURM_README"
+        path, name = SLURM_README[owner].split("::")
+        assert f"def {name}(" in (REPO / path).read_text(), f"{SLURM_README[owner]} does not exist"
     assert (REPO / "README.md").read_text().startswith("# bigmodel-dist\n\n```bash\nmake train"), \
         "the README opens with its two commands"

@@ -34,7 +34,28 @@ def _wait_for(path: Path, what: str, job: str) -> None:
         time.sleep(0.5)
 
 
+def _prepare_job(clone: Path) -> str:
+    """`sbatch slurm/prepare.sh CONFIG` as slurm/README.md prints it (partition and task count left to the
+    script's defaults), from the clone's root: its first job plans and submits the array and the finalize."""
+    submitted = subprocess.run(["sbatch", "--parsable", "slurm/prepare.sh", "configs/gpt2-tiny.yaml"], cwd=clone,
+                               env=user_env(), capture_output=True, text=True, check=True)
+    return submitted.stdout.strip().split(";")[0]
+
+
+def _check_prepared(clone: Path, plan_job: str) -> None:
+    assert _wait(plan_job) == "COMPLETED"
+    log = (clone / f"slurm-bigmodel-prepare-{plan_job}.out").read_text()  # its own --output, relative
+    final = re.search(r"array job \d+, finalize job (\d+)", log)
+    assert final, log[-3000:]
+    assert _wait(final[1]) == "COMPLETED", log[-3000:]
+    (meta,) = (clone / "runs" / ".cache").glob("prepared-*/meta.json")  # under the submit dir's `runs`
+    assert json.loads(meta.read_text())["num_train_sequences"] > 0
+
+
 def test_sbatch_as_printed_saves_is_preempted_requeued_and_finishes(slurm_cluster, tmp_path):
+    """With slurm/prepare.sh from another clone at the same time (the cluster has a CPU to spare per node)."""
+    preparing = fresh_clone(tmp_path / "prepare-clone")
+    plan_job = _prepare_job(preparing)
     clone = fresh_clone(tmp_path / "clone")
     command = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=1", "slurm/pretrain_gpt.sh",
                "configs/gpt2-tiny.yaml", f"--train.max_steps={STEPS}", f"--checkpoint.every={EVERY}"]
@@ -61,3 +82,4 @@ def test_sbatch_as_printed_saves_is_preempted_requeued_and_finishes(slurm_cluste
     assert [r["step"] for r in history.restarts] == [stopped["step"]]
     logged = history.series("loss")[0]  # every log_every steps, and the resume's first
     assert logged == sorted(set(logged)) and logged[-1] == STEPS, logged
+    _check_prepared(preparing, plan_job)
