@@ -288,7 +288,9 @@ def _cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise UserInputError(f"export takes no config overrides, got {overrides[0]!r}")
     setup_logging()
-    print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir), dtype=args.dtype))
+    # Relative folders mean where the command ran, like every path of a config (config/paths.py).
+    print(export_checkpoint(Path(os.path.abspath(args.checkpoint)), Path(os.path.abspath(args.out_dir)),
+                            dtype=args.dtype))
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from bigmodel_dist.config import load_config
 from bigmodel_dist.config.paths import output_paths
 from bigmodel_dist.config.validate import resolve_run
+from bigmodel_dist.data.ledger import LEDGER_ENV
 from bigmodel_dist.errors import UserInputError
 from launcher.logs import setup_logging
 from launcher.ray_elastic import sizes_keeping_batch
@@ -100,11 +101,13 @@ def check_dashboard(address: str, timeout_s: float = 10.0) -> None:
 
 
 # The project's own switches set where `launch ray` runs reach the job's driver and workers too.
-PASSED_ENV = ("BIGMODEL_SAMPLE_LEDGER", "BIGMODEL_FAULTS", "BIGMODEL_ALLOW_FAULTS")
+PASSED_ENV = (LEDGER_ENV, "BIGMODEL_FAULTS", "BIGMODEL_ALLOW_FAULTS")
 
 
 def submit_command(args: argparse.Namespace, config: str, overrides: list[str], stop_wait_s: int) -> list[str]:
     passed = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+    if LEDGER_ENV in passed:  # a folder: resolved here, where the command ran (the job runs in Ray's copy)
+        passed[LEDGER_ENV] = os.path.abspath(passed[LEDGER_ENV])
     runtime_env = {"env_vars": {STOP_WAIT_ENV: str(stop_wait_s), **passed}}  # read by the job's supervisor and driver
     command = ["ray", "job", "submit", "--address", args.address, "--working-dir", str(args.working_dir),
                "--runtime-env-json", json.dumps(runtime_env)]
@@ -144,7 +147,6 @@ def launch_ray(args: argparse.Namespace, overrides: list[str]) -> int:
     # The job runs in Ray's copy of the working dir: the folders the run writes are resolved here, where
     # the command ran (inputs inside the working dir travel with it and resolve in the copy).
     resolved_outputs = [f"--{field}={value}" for field, value in output_paths(cfg).items()]
-    log.info("output folders, resolved here: %s", " ".join(resolved_outputs))
     overrides = [*overrides, *resolved_outputs]
     resolve_run(cfg, max(sizes_keeping_batch(cfg)), ray_workers_device(cfg))
     size = check_upload_size(working_dir)
@@ -152,6 +154,7 @@ def launch_ray(args: argparse.Namespace, overrides: list[str]) -> int:
     args.working_dir = working_dir
     args.submission_id = args.submission_id or f"bigmodel-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = submit_command(args, str(config.relative_to(working_dir)), overrides, cfg.ray.stop_wait_s)
+    log.info("output folders, resolved here: %s", " ".join(resolved_outputs))
     log.info("uploading %.1f MiB; %s", size / 2**20, shlex.join(command))
     code = subprocess.run(command).returncode
     if args.no_wait:

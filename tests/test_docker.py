@@ -73,3 +73,17 @@ def test_package_specifiers_match_pyproject():
     assert Version(torch_version) in wanted["torch"].specifier  # the image's torch satisfies the project
     extras = re.findall(r'pip install "\.\[(\w+)\]"', text)
     assert extras and all(extra in project["optional-dependencies"] for extra in extras)
+
+
+def test_what_the_package_links_to_is_copied_before_the_install():
+    """The packages link to configs/deepspeed and slurm/ (shipped as package data); `pip install .` finds
+    dangling links, and a wheel without the named DeepSpeed configs, unless those folders came first."""
+    links = [path for package in ("bigmodel_dist", "launcher") for path in (REPO / package).rglob("*")
+             if path.is_symlink()]
+    assert links, "the package links to its shipped configs"
+    steps = instructions()
+    install = next(i for i, (name, args) in enumerate(steps) if name == "RUN" and re.search(r'pip install "?\.(\[|"|\s|$)', args))
+    copied_before = {source.rstrip("/") for name, args in steps[:install] if name == "COPY" for source in args.split()[:-1]}
+    for link in links:
+        target = link.resolve().relative_to(REPO).parts[0]  # the top-level folder the link points into
+        assert target in copied_before, f"{link.relative_to(REPO)} -> {target}/: COPY it before `pip install .`"

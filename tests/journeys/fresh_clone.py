@@ -20,6 +20,14 @@ def fresh_clone(dest: Path) -> Path:
     """Copy the tracked and not-ignored files of the repository into `dest` (links stay links), and link
     `.venv` to the environment running the tests (the project is installed there, editable or not)."""
     assert sys.prefix != sys.base_prefix, "the journeys run from the project's virtual environment (make test)"
+    copy_repository(dest)
+    os.symlink(sys.prefix, dest / ".venv")
+    return dest
+
+
+def copy_repository(dest: Path) -> Path:
+    """What `git clone` gives (plus uncommitted work): the tracked and not-ignored files, links as links
+    (the package links to configs/deepspeed and slurm/, which a wheel ships)."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, listed):
@@ -31,7 +39,6 @@ def fresh_clone(dest: Path) -> Path:
             os.symlink(os.readlink(source), target)
         else:
             shutil.copy2(source, target)
-    os.symlink(sys.prefix, dest / ".venv")
     return dest
 
 
