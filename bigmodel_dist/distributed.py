@@ -13,6 +13,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 STOP_FILE_ENV = "BIGMODEL_STOP_FILE"  # set by `bigmodel launch local` for its workers
+# One launch of a run, the same on every node (the Slurm script: job id and restart; `launch local`: its
+# own unless one is set; the Ray driver: its stop file). Written into the run's markers, so a launcher
+# never takes another launch's COMPLETED for its own.
+LAUNCH_ID_ENV = "BIGMODEL_LAUNCH_ID"
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class DistributedFacts:
     master_port: int
     job_end_time: float | None = None  # Unix time the allocation ends (Slurm), for the time-limit guard
     stop_file: str | None = None  # a file whose appearance asks for a stop (`bigmodel launch local` sets it)
+    launch_id: str | None = None  # which launch these processes belong to (LAUNCH_ID_ENV)
 
     @property
     def is_main(self) -> bool:
@@ -73,6 +78,7 @@ def facts_from_env(env: Mapping[str, str] | None = None) -> DistributedFacts:
         master_port=int(env.get("MASTER_PORT", "29500")),
         job_end_time=float(env["SLURM_JOB_END_TIME"]) if env.get("SLURM_JOB_END_TIME") else None,
         stop_file=env.get(STOP_FILE_ENV) or None,
+        launch_id=env.get(LAUNCH_ID_ENV) or None,
     )
 
 

@@ -176,15 +176,31 @@ def start_wandb(run_dir: RunDir, logging_cfg: LoggingConfig, config: dict, run_i
         try:
             import wandb
 
-            return wandb.init(
+            run = wandb.init(
                 project=logging_cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir.path),
                 mode=cast(WandbMode, attempt), config=config,
                 settings=wandb.Settings(init_timeout=logging_cfg.wandb_init_timeout_s, console="off", silent=True),
             )
+            if attempt != mode:
+                log.warning("W&B offline for this run (the server did not answer); its files are under the run's id: "
+                            "`wandb sync --id %s %s/wandb/offline-run-*` uploads them later, and the next restart "
+                            "goes online again", run_id, run_dir)
+            return run
         except Exception as exc:  # W&B must never be the reason training stops
             log.warning("W&B %s start failed (%s: %s)", attempt, type(exc).__name__, str(exc).splitlines()[0][:200])
+            if attempt == "online":  # the failed start leaves the id claimed in W&B's service: a fresh one
+                _teardown_wandb()
     log.warning("W&B disabled for this run; metrics.jsonl in %s still has every metric", run_dir)
     return None
+
+
+def _teardown_wandb() -> None:
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception as exc:
+        log.warning("W&B teardown after a failed start: %s", exc)
 
 
 def _plain(value: Any) -> Any:

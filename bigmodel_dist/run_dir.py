@@ -9,7 +9,8 @@ health reports, launchers, Ray's storage) goes through a `RunDir`, so the layout
     RUN_DIR/wandb_run_id        the W&B run id, so every restart logs to the same W&B run
     RUN_DIR/checkpoints/        step_XXXXXXXX/ folders (and .partial- ones being written)
     RUN_DIR/logs/               job logs, hang diagnoses, health reports
-    RUN_DIR/COMPLETED, STOPPED  markers: the run finished / stopped and saved (JSON, with finished_at)
+    RUN_DIR/COMPLETED, STOPPED  markers: the run finished / stopped and saved (JSON: step, launch id)
+    RUN_DIR/LEASE               the one live launch of the run: host, pid, since (launcher/lease.py)
     RUN_DIR/ray/                Ray Train's storage (when ray.storage_path is not set)
     RUN_DIR/metrics.png         `bigmodel plot`
     OUTPUT_DIR/.cache/          tokenizers, prepared data, `datasets` caches shared by the runs there
@@ -17,9 +18,11 @@ health reports, launchers, Ray's storage) goes through a `RunDir`, so the layout
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CACHE_DIR_NAME = ".cache"  # under output_dir, shared by its runs, unless data.cache_dir is set
 
@@ -75,6 +78,11 @@ class RunDir:
         return self.path / "STOPPED"
 
     @property
+    def lease(self) -> Path:
+        """Held by the one live launch of the run (launcher/lease.py)."""
+        return self.path / "LEASE"
+
+    @property
     def ray_storage(self) -> Path:
         return self.path / "ray"
 
@@ -84,3 +92,13 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.path)
+
+
+def marker_of_launch(marker: Path, launch: str | None) -> dict[str, Any] | None:
+    """A COMPLETED/STOPPED record if the launch `launch` (its stop file: one per launch) wrote it, else
+    None. A marker left by an earlier or a concurrent launch of the same run is never this one's."""
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if launch is not None and isinstance(record, dict) and record.get("launch") == launch else None

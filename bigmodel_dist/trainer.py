@@ -526,7 +526,8 @@ class Trainer:
             # A marker the launcher reads: workers' exit codes do not survive torchrun (it exits 1).
             marker = self.run_dir.stopped if self.state.stop_reason else self.run_dir.completed
             done = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "finished_at": time.time(),
-                    "stop_reason": self.state.stop_reason, "stop_request": _request_in(self.facts.stop_file)}
+                    "stop_reason": self.state.stop_reason, "stop_request": _request_in(self.facts.stop_file),
+                    "launch": self.facts.launch_id}  # which launch's markers these are (run_dir.marker_of_launch)
             write_text_atomically(marker, json.dumps(done) + "\n")
             if self.state.stop_reason:
                 return

@@ -11,7 +11,6 @@ same run name resumes (Ray's run folder and our checkpoints both live in the run
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -29,7 +28,7 @@ from bigmodel_dist.config.validate import ResolvedRun, resolve_run
 from bigmodel_dist.errors import EXIT_USAGE, UserInputError
 from bigmodel_dist.precision import DeviceInfo
 from bigmodel_dist.resize import GROW_PREFIX
-from bigmodel_dist.run_dir import RunDir
+from bigmodel_dist.run_dir import RunDir, marker_of_launch
 from launcher.logs import setup_logging
 from launcher.ray_elastic import (
     GrowWatcher,
@@ -262,12 +261,11 @@ def _train(resolved: ResolvedRun, stop: DriverStop, stop_file: Path, num_workers
                     "ray.stop_wait_s=%d: its stop checkpoint may be cut short. Submit with `bigmodel launch ray`, "
                     "or add --runtime-env-json '{\"env_vars\": {\"RAY_JOB_STOP_WAIT_TIME_S\": \"%d\"}}'", wait_s,
                     cfg.ray.stop_wait_s, cfg.ray.stop_wait_s)
-    started = time.time()
     result = _fit_hearing_stops(build_trainer(resolved, stop_file, num_workers, max_failures), stop, wait_s)
     if result.error is not None:  # fit() raises in current Ray; older versions return the error
         raise result.error
-    stopped = _marker_since(run_dir.stopped, started)
-    if stopped is not None or (stop.received and _marker_since(run_dir.completed, started) is None):
+    stopped = marker_of_launch(run_dir.stopped, str(stop_file))
+    if stopped is not None or (stop.received and marker_of_launch(run_dir.completed, str(stop_file)) is None):
         at = _stopped_at(run_dir, stopped)
         why = stop_reason(stop_file) or (stopped or {}).get("stop_reason")
         if (why or "").startswith(GROW_PREFIX) and not stop.received:
@@ -312,15 +310,6 @@ def _fit_hearing_stops(trainer, stop: DriverStop, wait_s: int | None):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
-
-
-def _marker_since(marker: Path, started: float) -> dict[str, Any] | None:
-    """The run's COMPLETED/STOPPED record if this driver's workers wrote it."""
-    try:
-        record = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if record.get("finished_at", 0) >= started else None
 
 
 def _log_working_dir() -> None:

@@ -46,6 +46,9 @@ if [[ -n "$MIN_NODES" && "$MODE" == torchrun ]]; then   # a failed node's task e
     NNODES="$MIN_NODES:$SLURM_NNODES"; SRUN_ELASTIC=(--no-kill --kill-on-bad-exit=0)
 fi
 export MASTER_ADDR MASTER_PORT NPROC_PER_NODE NNODES
+# One id for this attempt on every node: the run's markers name it, so no launcher takes a marker of an
+# earlier attempt (or of another job on the same run) for its own.
+export BIGMODEL_LAUNCH_ID="slurm-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}"
 
 # All checks live in Python: versions, node list, config, GPUs per node. Exit 2 = do not retry.
 # Its one line of output: the config's requeue, hang and bad-node exit codes, whether to run the
@@ -55,10 +58,18 @@ read -r REQUEUE_EXIT_CODE HANG_EXIT_CODE BAD_NODE_EXIT_CODE HEALTH_CHECK RUN_DIR
 # Whoever names a bad or hung node appends it here (shared file system, one file per attempt).
 export BIGMODEL_SUSPECT_NODES_FILE="$RUN_DIR/logs/suspect-nodes-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}.txt"
 
-STEP_PID=""; STOP_SIGNAL=""
+STEP_PID=""; STOP_SIGNAL=""; CANCELLED=""
 # srun forwards USR1/TERM to every task; `cmd & wait` lets this shell run the trap at once. A signal
 # during the health check is remembered: no training then, and the job asks to be requeued.
-stop() { echo "batch: got $1, asking training to stop" >&2; STOP_SIGNAL=$1; [[ -z $STEP_PID ]] || kill -"$1" "$STEP_PID"; }
+# `scancel` and a preemption both send TERM. Slurm has set the job's state by then: CANCELLED for a
+# cancel (the run saves and the job ends), PENDING for a preemption or `scontrol requeue` (Slurm
+# requeues it). USR1 is the time-limit warning (--signal=B:USR1@...): save and requeue.
+job_cancelled() { scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q 'JobState=CANCELLED'; }
+stop() {
+    [[ $1 == TERM ]] && job_cancelled && CANCELLED=1
+    echo "batch: got $1${CANCELLED:+ (scancel)}, asking training to stop" >&2
+    STOP_SIGNAL=$1; [[ -z $STEP_PID ]] || kill -"$1" "$STEP_PID"
+}
 trap 'stop USR1' USR1
 trap 'stop TERM' TERM
 
@@ -93,7 +104,10 @@ elif [[ $CODE -eq 0 ]]; then
     fi
 fi
 
-if [[ $CODE -eq $REQUEUE_EXIT_CODE || $CODE -eq $HANG_EXIT_CODE || $CODE -eq $BAD_NODE_EXIT_CODE ]]; then
+if [[ -n "$CANCELLED" ]] || job_cancelled; then   # also when only the steps got the TERM
+    echo "batch: job $SLURM_JOB_ID cancelled (scancel): saved what was new, not requeueing; submit the same" \
+        "command again to resume" >&2
+elif [[ $CODE -eq $REQUEUE_EXIT_CODE || $CODE -eq $HANG_EXIT_CODE || $CODE -eq $BAD_NODE_EXIT_CODE ]]; then
     if [[ ${SLURM_RESTART_COUNT:-0} -lt $MAX_REQUEUES ]]; then
         EXCLUDE=""   # a hang or a bad node: the suspects to avoid, if the partition can spare them
         [[ $CODE -eq $REQUEUE_EXIT_CODE ]] || EXCLUDE=$(python -m launcher.slurm exclude "$BIGMODEL_SUSPECT_NODES_FILE")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
 import yaml
 
-from bigmodel_dist.config import load_config
+from bigmodel_dist.config import Config, load_config
 from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.errors import ConfigError, UserInputError
 
@@ -178,3 +179,39 @@ def test_launch_slurm_dry_run_prints_the_exact_sbatch_command(tmp_path, cli_env)
     assert command.endswith(f"{REPO / 'slurm' / 'pretrain_gpt.sh'} {REPO / 'configs' / 'gpt2-tiny.yaml'} "
                             f"--output_dir={tmp_path} --train.max_steps=5")
     assert not (tmp_path / "gpt2-tiny").exists()  # a dry run writes nothing
+
+
+def _float_fields(cls: type, prefix: str = "") -> list[str]:
+    """Every float setting of the schema, dotted (optional ones included)."""
+    import dataclasses
+    import types
+    import typing
+
+    found = []
+    for name, annotation in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(annotation):
+            found += _float_fields(annotation, f"{prefix}{name}.")
+        elif annotation is float or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                     and float in typing.get_args(annotation)):
+            found.append(f"{prefix}{name}")
+    return found
+
+
+FLOAT_FIELDS = _float_fields(Config)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan"])
+def test_every_float_setting_must_be_finite(value):
+    assert {"optim.lr", "resilience.hang_timeout_s", "resilience.spike_factor"} <= set(FLOAT_FIELDS)
+    for field in FLOAT_FIELDS:
+        with pytest.raises(ConfigError, match=rf"config field {re.escape(field)}: must be a finite number"):
+            load_config(REPO / "configs" / "gpt2-tiny.yaml", [f"--{field}={value}"])
+    with pytest.raises(ConfigError, match=r"config field data.weights.code: must be a finite number"):
+        load_config(REPO / "configs" / "gpt2-tiny.yaml", [f"--data.weights.code={value}"])
+
+
+def test_a_non_finite_setting_stops_launch_local_before_anything_starts(tmp_path, cli_env):
+    result = run_cli(["launch", "local", TINY_CONFIG, f"--output_dir={tmp_path}", "--resilience.hang_timeout_s=nan"],
+                     env=cli_env)
+    assert_one_line_error(result, "config field resilience.hang_timeout_s: must be a finite number, got 'nan'")
+    assert list(tmp_path.iterdir()) == []

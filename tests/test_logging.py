@@ -65,7 +65,7 @@ def test_kill_and_resume_continue_one_wandb_run_and_one_metrics_history(tmp_path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
-def test_unreachable_wandb_server_and_secrets(tmp_path, data_cache, cli_env):
+def test_unreachable_wandb_server_falls_back_offline_under_the_runs_id_and_keeps_secrets(tmp_path, data_cache, cli_env):
     from launcher.ports import free_port
 
     secret = "secret-value-7f3a9c"
@@ -76,6 +76,16 @@ def test_unreachable_wandb_server_and_secrets(tmp_path, data_cache, cli_env):
     assert "W&B online start failed" in result.stderr
     run_dir = tmp_path / "run"
     assert (run_dir / "COMPLETED").is_file()
+    # The fallback: offline files under the run's id, every logged loss in them, for `wandb sync` later.
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert f"W&B offline for this run (the server did not answer); its files are under the run's id: " \
+           f"`wandb sync --id {run_id}" in result.stderr, result.stderr[-3000:]
+    assert "W&B offline start failed" not in result.stderr and "W&B disabled" not in result.stderr
+    (offline,) = _wandb_runs(run_dir)
+    assert offline.name.endswith(run_id)
+    records = (offline / f"run-{run_id}.wandb").read_bytes()
+    steps, values = read_metrics(run_dir / "metrics.jsonl").series("loss")
+    assert steps == [1, 2, 3] and all(json.dumps(v).encode() in records for v in values)
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"secret written to {path}"

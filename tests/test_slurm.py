@@ -189,6 +189,28 @@ def test_preempted_jobs_requeue_resume_and_match_the_straight_run(slurm_cluster,
         assert [p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True, True], name
 
 
+def test_scancel_saves_and_ends_the_job_without_a_requeue(slurm_cluster, tmp_path, data_cache, cli_env):
+    """A user's `scancel` sends TERM like a preemption does, but Slurm has marked the job CANCELLED by
+    then: the run saves what is new and the job ends, never requeued (a preemption: the test above)."""
+    job = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=2", "--name=cancelled",
+                          "--train.max_steps=400", "--checkpoint.every=0"))
+    run_dir = tmp_path / "cancelled"
+    _wait_for_losses(run_dir / "metrics.jsonl", 3)
+    subprocess.run(["scancel", job], check=True)
+    assert _wait(job) == "CANCELLED"
+    guard = time.monotonic() + HANG_GUARD_S  # the batch shell's last line comes after the save
+    while "not requeueing" not in _log(run_dir, job):
+        assert time.monotonic() < guard, _log(run_dir, job)[-3000:]
+        time.sleep(0.5)
+    log = _log(run_dir, job)
+    assert f"batch: job {job} cancelled (scancel): saved what was new, not requeueing" in log, log[-3000:]
+    assert "requeueing job" not in log and "Traceback" not in log, log[-3000:]
+    stopped = json.loads((run_dir / "STOPPED").read_text())
+    assert 3 <= stopped["step"] < 400
+    assert (run_dir / "checkpoints" / f"step_{stopped['step']:08d}" / "bigmodel_meta.json").is_file()
+    assert _job_field(job, "Restarts") == "0" and _job_field(job, "JobState") == "CANCELLED"
+
+
 def test_bad_submissions_fail_clearly_without_requeue(slurm_cluster, tmp_path, data_cache, cli_env):
     too_many = _submit(tmp_path, data_cache, cli_env, "--nodes=1", "--gpus-per-node=3", "--name=gpus",
                        "--train.global_batch_size=12")  # valid for 3 ranks: only Slurm can say no

@@ -7,6 +7,7 @@ checked once (`Config.check`) before anything else happens.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -145,13 +146,18 @@ def _coerce_scalar(annotation: type, value: Any, path: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif annotation is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "6e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads "6e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # nan passes every comparison check; inf is no timeout, no limit
+                raise ConfigError(path, f"must be a finite number, got {value!r}")
+            return number
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
