@@ -38,7 +38,7 @@ from launcher.ray_elastic import (
     written_since,
 )
 from launcher.ray_stop import DriverStop, job_stop_wait_s, new_stop_file, stop_reason
-from launcher.run_inputs import prepare_for
+from launcher.run_inputs import check_previous_run, prepare_for
 from launcher.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,10 @@ def run(config_path: str, overrides: list[str], stop: DriverStop) -> int:
     import ray
 
     check_cluster_fits(cfg, ray.cluster_resources())
+    finished = check_previous_run(resolved)  # a checkpoint of another model or batch: one line, before any worker
+    if finished:
+        log.info(finished)
+        return 0
     prepare_for(resolved)  # once, here: a progress bar in the job log and input errors before any worker
     if cfg.ray.elastic:
         return _train_elastic(resolved, stop)

@@ -42,7 +42,7 @@ def sbatch_command(args: argparse.Namespace, overrides: list[str], run_dir: RunD
             command.append(f"{flag}={value}")
     if args.nproc_per_node:
         command.append(f"--export=ALL,BIGMODEL_NPROC_PER_NODE={args.nproc_per_node}")
-    return [*command, *args.sbatch_arg, str(SCRIPT), args.config, *overrides]
+    return [*command, *args.sbatch_arg, str(SCRIPT.resolve()), args.config, *overrides]  # the real file, not the link
 
 
 def launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:

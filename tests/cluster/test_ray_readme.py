@@ -21,6 +21,10 @@ from .ray_cluster import job_env, netns_prefix
 pytestmark = pytest.mark.distributed
 STEPS = 6
 ALARMING = re.compile(r"Traceback|Exception ignored|\bERROR\b|Error:|\bFAILED\b")
+# Ray 2.60's own PlacementGroupCleaner actor lets an RpcError ("Timed out while waiting for GCS to become
+# available") escape its monitor thread when the GCS answers slowly (seen once, with the whole suite
+# loading 2 cores). Nothing of ours; every other alarming line still fails the test.
+RAY_INTERNAL = re.compile(r"\(PlacementGroupCleaner pid=\d+\)")
 
 
 def _start(cluster, clone: Path, command: list[str]) -> subprocess.Popen:
@@ -31,7 +35,7 @@ def _start(cluster, clone: Path, command: list[str]) -> subprocess.Popen:
 def _clean_success(job: subprocess.Popen) -> str:
     output, _ = job.communicate(timeout=HANG_GUARD_S)
     assert job.returncode == 0, output[-6000:]
-    alarming = [line for line in output.splitlines() if ALARMING.search(line)]
+    alarming = [line for line in output.splitlines() if ALARMING.search(line) and not RAY_INTERNAL.search(line)]
     assert not alarming, "\n".join(alarming[:20])
     return output
 
@@ -44,8 +48,8 @@ def test_ray_job_submit_as_printed_succeeds_cleanly(ray_cluster, tmp_path):
               f"--train.max_steps={STEPS}"]
     launch = ["bigmodel", "launch", "ray", "configs/gpt2-tiny.yaml", "--address", ray_cluster.address,
               f"--train.max_steps={STEPS}"]  # no --output_dir: `runs` here, where the command ran
-    jobs = {"submit": _start(ray_cluster, clone, submit), "launch": _start(ray_cluster, clone, launch)}
-    outputs = {name: _clean_success(job) for name, job in jobs.items()}
+    outputs = {name: _clean_success(_start(ray_cluster, clone, command))  # one after the other: less load
+               for name, command in (("submit", submit), ("launch", launch))}
     assert "succeeded" in outputs["submit"]
     for run_dir in (shared / "gpt2-tiny", clone / "runs" / "gpt2-tiny"):
         assert json.loads((run_dir / "COMPLETED").read_text())["step"] == STEPS, run_dir
