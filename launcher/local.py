@@ -258,7 +258,7 @@ def _exit_code(code: int | None, resolved: ResolvedRun, signals: StopSignals, in
                     "Ctrl-C" if interrupts.first == "SIGINT" else "terminal closed", interrupts.first, at,
                     interrupts.exit_code)
         return interrupts.exit_code
-    if stopped or (signals.received and not completed):
+    if stopped or signals.received:  # (also after the end: the requeued job finds the run complete)
         log.warning("training was asked to stop (%s) and saved what was new; exit %d asks to requeue",
                     signals.received or interrupts.first or "on a worker", cfg.checkpoint.requeue_exit_code)
         return cfg.checkpoint.requeue_exit_code

@@ -61,10 +61,16 @@ export BIGMODEL_SUSPECT_NODES_FILE="$RUN_DIR/logs/suspect-nodes-$SLURM_JOB_ID-${
 STEP_PID=""; STOP_SIGNAL=""; CANCELLED=""
 # srun forwards USR1/TERM to every task; `cmd & wait` lets this shell run the trap at once. A signal
 # during the health check is remembered: no training then, and the job asks to be requeued.
-# `scancel` and a preemption both send TERM. Slurm has set the job's state by then: CANCELLED for a
-# cancel (the run saves and the job ends), PENDING for a preemption or `scontrol requeue` (Slurm
-# requeues it). USR1 is the time-limit warning (--signal=B:USR1@...): save and requeue.
-job_cancelled() { scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q 'JobState=CANCELLED'; }
+# `scancel`, a preemption, `scontrol requeue` and the time limit all send TERM, and `scontrol show job`
+# says COMPLETING for each. What tells them apart is slurmstepd's line in the job's stderr, written
+# before the TERM: "*** JOB N ON host CANCELLED AT time DUE TO PREEMPTION|JOB REQUEUE|TIME LIMIT ***",
+# and no "DUE TO" for a user's scancel, which must end the job (after saving), never requeue it.
+# USR1 is the time-limit warning (--signal=B:USR1@...): save and requeue.
+job_cancelled() {
+    local err
+    err=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdErr=[^ ]*' | cut -d= -f2-)
+    [[ -n "$err" && -r "$err" ]] && grep -q "JOB $SLURM_JOB_ID ON .* CANCELLED AT [^ ]* \*\*\*" "$err"
+}
 stop() {
     [[ $1 == TERM ]] && job_cancelled && CANCELLED=1
     echo "batch: got $1${CANCELLED:+ (scancel)}, asking training to stop" >&2
