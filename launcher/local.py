@@ -119,7 +119,8 @@ class Interrupts:
         self.ended_at_once = False
         self.child: subprocess.Popen | None = None
         for signum in (signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup`: a hang-up is to be ignored
+                signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, _frame) -> None:
         now = time.monotonic()

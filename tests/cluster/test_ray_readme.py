@@ -21,10 +21,28 @@ from .ray_cluster import job_env, netns_prefix
 pytestmark = pytest.mark.distributed
 STEPS = 6
 ALARMING = re.compile(r"Traceback|Exception ignored|\bERROR\b|Error:|\bFAILED\b")
-# Ray 2.60's own PlacementGroupCleaner actor lets an RpcError ("Timed out while waiting for GCS to become
-# available") escape its monitor thread when the GCS answers slowly (seen once, with the whole suite
-# loading 2 cores). Nothing of ours; every other alarming line still fails the test.
-RAY_INTERNAL = re.compile(r"\(PlacementGroupCleaner pid=\d+\)")
+# Ray 2.60's own actors log a traceback and retry when the GCS or an object answers slowly: the
+# controller's placement-group wait (GetTimeoutError) and the PlacementGroupCleaner's state query (an
+# RpcError that escapes its thread). Seen only with the whole suite loading 2 cores. These, and only
+# these (a Ray actor's traceback ending in a Ray timeout), are not ours; everything else still fails.
+RAY_ACTOR = re.compile(r"^\S*\((TrainController|PlacementGroupCleaner) pid=\d+\)\S*\s")
+RAY_TIMEOUT = re.compile(r"ray\.exceptions\.(GetTimeoutError|RpcError): .*[Tt]imed out")
+
+
+def _ray_internal_timeouts(lines: list[str]) -> set[int]:
+    """Indices of the lines of Ray's own timeout tracebacks: from `Traceback` to the exception line."""
+    tolerated: set[int] = set()
+    for i, line in enumerate(lines):
+        prefix = RAY_ACTOR.match(line)
+        if not prefix or not line[prefix.end():].startswith("Traceback"):
+            continue
+        for j in range(i + 1, len(lines)):
+            body = lines[j][prefix.end():] if lines[j].startswith(prefix.group(0)) else None
+            if body is not None and body and not body[0].isspace():  # the exception line
+                if RAY_TIMEOUT.search(body):
+                    tolerated.update(range(i, j + 1))
+                break
+    return tolerated
 
 
 def _start(cluster, clone: Path, command: list[str]) -> subprocess.Popen:
@@ -35,7 +53,9 @@ def _start(cluster, clone: Path, command: list[str]) -> subprocess.Popen:
 def _clean_success(job: subprocess.Popen) -> str:
     output, _ = job.communicate(timeout=HANG_GUARD_S)
     assert job.returncode == 0, output[-6000:]
-    alarming = [line for line in output.splitlines() if ALARMING.search(line) and not RAY_INTERNAL.search(line)]
+    lines = output.splitlines()
+    tolerated = _ray_internal_timeouts(lines)
+    alarming = [line for i, line in enumerate(lines) if ALARMING.search(line) and i not in tolerated]
     assert not alarming, "\n".join(alarming[:20])
     return output
 

@@ -58,7 +58,8 @@ def test_make_train_saves_under_runs_and_the_same_command_again_resumes(clone, f
     run_dir = clone / RUN
     assert steps_saved(run_dir) == [4]
     assert f"done: checkpoints in {run_dir / 'checkpoints'}" in first_train, first_train[-3000:]
-    assert f"run dir {run_dir}: config.yaml, metrics.jsonl, checkpoints/ (exit code 0)" in first_train
+    assert re.search(rf"run dir {re.escape(str(run_dir))}: config.yaml, metrics.jsonl, checkpoints/, this launch's "
+                     rf"log {re.escape(str(run_dir / 'logs'))}/launch-\S+\.log \(exit code 0\)", first_train), first_train[-2000:]
     meta = json.loads((run_dir / "checkpoints" / "step_00000004" / "bigmodel_meta.json").read_text())
     assert meta["world_size"] == 2 and meta["zero_stage"] == 2
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline files under the run dir"
