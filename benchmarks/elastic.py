@@ -28,7 +28,8 @@ TARGETS = (1, 4)  # world sizes converted to: a lost rank, and growing
 def _worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from bigmodel_dist.checkpoint.reshard import convert_to_universal, universal_cache_dir
+    from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta
+    from bigmodel_dist.checkpoint.reshard import convert_for, universal_cache_dir
     from bigmodel_dist.config import load_config
     from bigmodel_dist.distributed import facts_from_env
     from bigmodel_dist.session import open_trainer
@@ -51,11 +52,12 @@ def _worker(args: argparse.Namespace) -> None:
         return
     conversions: dict[int, list[float]] = {target: [] for target in TARGETS}
     for path in paths:
+        meta, _ = read_checkpoint_meta(path)
         for target in TARGETS:
             started = time.perf_counter()
-            convert_to_universal(path, target, 2)
+            convert_for(path, meta, target, 2, cfg.train.precision)
             conversions[target].append(time.perf_counter() - started)
-        shutil.rmtree(universal_cache_dir(path), ignore_errors=True)  # the next repeat converts afresh
+            shutil.rmtree(universal_cache_dir(path), ignore_errors=True)  # each target converts afresh
     size = sum(p.stat().st_size for p in paths[0].rglob("*") if p.is_file())
     Path(args.out).write_text(json.dumps({"saves": saves, "conversions": conversions, "bytes": size}))
 

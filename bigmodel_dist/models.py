@@ -84,3 +84,10 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
         ndim = len(getattr(param, "ds_shape", param.shape))
         (decay if ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def param_group_names(model: torch.nn.Module, groups: list[dict]) -> list[list[str]]:
+    """The parameters' names, group by group, in the optimizer's order: a ZeRO-0 checkpoint's optimizer
+    state counts parameters by position only, and resharding it needs their names."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [[names[id(param)] for param in group["params"]] for group in groups]

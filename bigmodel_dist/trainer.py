@@ -18,7 +18,7 @@ import torch
 
 from bigmodel_dist.checkpoint.choice import ResumePoint
 from bigmodel_dist.checkpoint.manager import CheckpointManager, check_resumable
-from bigmodel_dist.checkpoint.reshard import convert_to_universal
+from bigmodel_dist.checkpoint.reshard import LoadableCopy, convert_for, needs_conversion
 from bigmodel_dist.config.loader import save_config, to_dict
 from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.config.validate import ResolvedRun
@@ -42,7 +42,7 @@ from bigmodel_dist.faults import Faults
 from bigmodel_dist.fileio import write_json_atomically, write_text_atomically
 from bigmodel_dist.metrics import MetricsLogger
 from bigmodel_dist.metrics_file import read_metrics
-from bigmodel_dist.models import build_model, weight_decay_groups
+from bigmodel_dist.models import build_model, param_group_names, weight_decay_groups
 from bigmodel_dist.preemption import FAILED_WRITE, StopController, StopSignals
 from bigmodel_dist.progress import ProgressRecorder
 from bigmodel_dist.resilience import GOOD_STEP, LossGuard, Verdict
@@ -161,8 +161,9 @@ class Trainer:
             load_from = self._loadable_copy(resume, accelerator)
         self.clock.mark("checkpoint choice")
         model = build_model(self.cfg.model, self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id)
-        self.runtime: Runtime = prepare(accelerator, model, weight_decay_groups(model, self.cfg.optim.weight_decay),
-                                        self.cfg.optim.lr)
+        groups = weight_decay_groups(model, self.cfg.optim.weight_decay)
+        self._param_group_names = param_group_names(model, groups)  # recorded in checkpoints (ZeRO-0 resharding)
+        self.runtime: Runtime = prepare(accelerator, model, groups, self.cfg.optim.lr)
         torch.manual_seed(self.cfg.seed + 1000 * facts.rank)  # dropout differs per rank, same on every run
         if facts.is_main:  # as DeepSpeed got it, Accelerate's fill-ins and the universal-load flag included
             write_json_atomically(self.run_dir.deepspeed_config, deepspeed_config_as_run(self.runtime.engine))
@@ -450,36 +451,40 @@ class Trainer:
             "model": {"preset": self.cfg.model.preset, "vocab_size": r.shape.vocab_size,
                       "num_parameters": r.num_parameters},
             "config": to_dict(self.cfg),
+            "param_groups": self._param_group_names,
         }
 
     def _needs_conversion(self, resume: ResumePoint) -> bool:
         """Written by another world size or at another ZeRO stage: loaded through a universal checkpoint."""
-        return (resume.meta["world_size"], resume.meta["zero_stage"]) != (self.facts.world_size, self.resolved.zero_stage)
+        return needs_conversion(resume.meta, self.facts.world_size, self.resolved.zero_stage)
 
-    def _loadable_copy(self, resume: ResumePoint, accelerator) -> Path:
-        """The checkpoint itself, or (other world size or ZeRO stage) its universal conversion."""
+    def _loadable_copy(self, resume: ResumePoint, accelerator) -> LoadableCopy:
+        """The checkpoint itself, or (other world size or ZeRO stage) the copy converted for this one."""
         world, stage = self.facts.world_size, self.resolved.zero_stage
         if not self._needs_conversion(resume):
-            return resume.path
+            return LoadableCopy(resume.path, universal=False)
         if self.facts.is_main:
             log.warning("checkpoint %s was written by %d rank(s) at ZeRO-%d; resuming on %d at ZeRO-%d through a "
                         "universal checkpoint", resume.path.name, resume.meta["world_size"], resume.meta["zero_stage"],
                         world, stage)
         started = time.perf_counter()
+        precision = self.cfg.train.precision
         with self.progress.heartbeat("save", self.state.step):  # a conversion in a subprocess: minutes for big models
-            path = on_rank0_then_shared(self.facts.is_main, lambda: convert_to_universal(resume.path, world, stage))
+            copy = on_rank0_then_shared(self.facts.is_main,
+                                        lambda: convert_for(resume.path, resume.meta, world, stage, precision))
         self._conversion_s = time.perf_counter() - started
         if self.facts.is_main:
-            log.info("universal checkpoint ready in %.1f s (%s)", self._conversion_s, path)
-        load_universal_checkpoints(accelerator)
-        return path
+            log.info("universal checkpoint ready in %.1f s (%s)", self._conversion_s, copy.path)
+        if copy.universal:
+            load_universal_checkpoints(accelerator)
+        return copy
 
-    def _load(self, resume: ResumePoint, load_from: Path) -> None:
+    def _load(self, resume: ResumePoint, copy: LoadableCopy) -> None:
         """Model, optimizer and RNG states through Accelerate; the training state from the metadata."""
         accelerator = self.runtime.accelerator
-        set_universal_loading(self.runtime.engine, load_from != resume.path)
-        accelerator.load_state(str(load_from))
-        if load_from != resume.path:  # loaded through a universal checkpoint
+        set_universal_loading(self.runtime.engine, copy.universal)
+        accelerator.load_state(str(copy.path))
+        if copy.universal:
             unshare_optimizer_steps(self.runtime.engine)
         restart_accumulation_count(accelerator)
         self.state.load_state_dict(resume.train_state)

@@ -34,7 +34,7 @@ def straight(tmp_path_factory, data_cache):
 
 
 @pytest.mark.parametrize(("before", "after", "stage_before", "stage_after"),
-                         [(2, 1, 2, 2), (1, 2, 2, 2), (2, 2, 2, 3)])
+                         [(2, 1, 2, 2), (1, 2, 2, 2), (2, 2, 2, 3), (2, 1, 3, 2), (2, 2, 0, 3)])
 def test_resume_on_another_topology_continues_the_run(tmp_path, data_cache, straight, before, after,
                                                       stage_before, stage_after):
     first = run_distributed(train_and_collect, before, _overrides(tmp_path, data_cache, "run", stage_before, 3))[0]

@@ -123,3 +123,79 @@ def build_under_zero3(overrides: list[str]) -> dict:
         "full_numel": sum(p.ds_numel for p in params),
         "placeholder_numel": sum(p.numel() for p in params),  # what the module itself holds
     }
+
+
+def full_training_state(engine) -> dict:
+    """Every parameter's fp32 master weight and Adam moments as full numpy arrays, and Adam's step:
+    what a resume must restore exactly, read the same way whatever the ZeRO stage. Collective."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    optimizer = engine.optimizer
+    base = getattr(optimizer, "optimizer", optimizer)
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2 and bf16 link each parameter to its Adam moments at the first step, before torch's AdamW
+        # creates them (lazily, in that step): link again now that they exist.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    masters = {}  # ZeRO-0 with bf16: DeepSpeed's unfused wrapper keeps fp32 copies beside the bf16 weights
+    if not engine.zero_optimization() and hasattr(optimizer, "fp32_groups"):
+        for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            masters.update({id(lp): hp for lp, hp in zip(low, high)})
+    params = {}
+    for name, param in engine.module.named_parameters():
+        fp32 = safe_get_full_fp32_param(param)
+        if fp32 is not None:
+            moments = {key: safe_get_full_optimizer_state(param, key) for key in ("exp_avg", "exp_avg_sq")}
+        else:  # ZeRO-0: the optimizer holds the tensor itself (or its fp32 master)
+            fp32 = masters.get(id(param), param)
+            moments = {key: base.state[fp32][key] for key in ("exp_avg", "exp_avg_sq")}
+        params[name] = {"fp32": fp32, **moments}
+    steps = {float(state["step"]) for state in base.state.values() if "step" in state}
+    return {"params": {name: {key: value.detach().float().cpu().numpy().copy() for key, value in states.items()}
+                       for name, states in params.items()},
+            "steps": sorted(steps)}
+
+
+def train_then_collect_state(overrides: list[str]) -> dict | None:
+    """Train (a checkpoint at the end), then return rank 0's full training state as the checkpoint holds it."""
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.session import open_trainer
+
+    facts = facts_from_env()
+    with open_trainer(load_config(None, overrides), facts) as trainer:
+        trainer.train()
+        state = full_training_state(trainer.runtime.engine)
+    return state if facts.is_main else None
+
+
+def load_each_then_train(overrides: list[str], others: list[str]) -> dict | None:
+    """Start a run that resumes from one checkpoint of another topology (the config's `checkpoint.resume`),
+    then load each of `others` into the same engine as a rollback does; the full state after each load
+    (rank 0), and the losses of the steps trained after the last."""
+    from pathlib import Path
+
+    from bigmodel_dist.checkpoint.choice import ResumePoint
+    from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.metrics_file import read_metrics
+    from bigmodel_dist.session import open_trainer
+
+    facts = facts_from_env()
+    cfg = load_config(None, overrides)
+    with open_trainer(cfg, facts) as trainer:
+        states = {cfg.checkpoint.resume: full_training_state(trainer.runtime.engine)}
+        for path in others:
+            meta, error = read_checkpoint_meta(Path(path))
+            assert meta is not None, error
+            resume = ResumePoint(Path(path), meta)
+            trainer._load(resume, trainer._loadable_copy(resume, trainer.runtime.accelerator))
+            states[path] = full_training_state(trainer.runtime.engine)
+        first_step = trainer.state.step
+        trainer.train()
+        run_dir = trainer.run_dir
+    if not facts.is_main:
+        return None
+    steps, losses = read_metrics(run_dir.metrics).series("loss")
+    return {"states": states, "losses": [loss for step, loss in zip(steps, losses) if step > first_step]}
