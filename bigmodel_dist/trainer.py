@@ -6,6 +6,7 @@ Accelerator joins the process group; rank and world size come in as `Distributed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,11 +18,12 @@ from typing import Any, Protocol
 import torch
 
 from bigmodel_dist.checkpoint.choice import ResumePoint
-from bigmodel_dist.checkpoint.manager import CheckpointManager, check_resumable
+from bigmodel_dist.checkpoint.manager import CheckpointManager, check_resumable, requested_resume
 from bigmodel_dist.checkpoint.reshard import LoadableCopy, convert_for, needs_conversion
 from bigmodel_dist.config.loader import save_config, to_dict
 from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.config.validate import ResolvedRun
+from bigmodel_dist.data.continuity import checkpoint_data, continue_data
 from bigmodel_dist.data.dataset import MixedDataset, PackedDataset
 from bigmodel_dist.data.ledger import SampleLedger
 from bigmodel_dist.data.loader import BatchLoader
@@ -35,6 +37,7 @@ from bigmodel_dist.data.mixture import (
 )
 from bigmodel_dist.data.mixture_sources import prepare_run_sources
 from bigmodel_dist.data.sampler import global_index
+from bigmodel_dist.data.tokenizer import tokenizer_fingerprint
 from bigmodel_dist.distributed import DistributedFacts, on_rank0_then_shared
 from bigmodel_dist.errors import RunFailedError
 from bigmodel_dist.evaluation import Evaluator
@@ -122,6 +125,11 @@ class Trainer:
             stop_signals = StopSignals(resolved.config.checkpoint.stop_signals, facts.stop_file)
             self._resources.callback(stop_signals.close)
         self.signals = stop_signals
+        # Before the process group: a resumed run keeps its checkpoint's tokenizer, and a changed corpus is refused
+        # (or, accepted, recorded below).
+        pinned, self._corpus_change = continue_data(resolved.config, requested_resume(resolved.config.checkpoint.resume,
+                                                                                      resolved.run_dir))
+        resolved = dataclasses.replace(resolved, config=pinned)
         self.resolved, self.cfg, self.facts, self.run_dir = resolved, resolved.config, facts, resolved.run_dir
         self.reporter = reporter
         self._unreported: dict[str, Any] = {}  # this step's metrics, for the reporter
@@ -147,6 +155,7 @@ class Trainer:
         with self.progress.heartbeat("startup", 0):  # preparing and checksumming data can take long
             self.dataset = self._open_data()
         self.tokenizer = self.dataset.tokenizer()
+        self._data_record = checkpoint_data(self.cfg.data, tokenizer_fingerprint(self.tokenizer))
         self.clock.mark("data")
         self.checkpoints = CheckpointManager(self.run_dir, self.cfg.checkpoint, facts)
         self._resources.callback(self.checkpoints.close)
@@ -199,6 +208,8 @@ class Trainer:
                         details["new_size"], self.state.step, details["reason"], details["lost_steps"],
                         details["lost_s"], details["conversion_s"])
             self.metrics.incident(self.state.step, "resize", **details)
+        if resume is not None and self._corpus_change:
+            self.metrics.incident(self.state.step, "data", **self._corpus_change.as_incident())
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -452,6 +463,7 @@ class Trainer:
                       "num_parameters": r.num_parameters},
             "config": to_dict(self.cfg),
             "param_groups": self._param_group_names,
+            "data": self._data_record,
         }
 
     def _needs_conversion(self, resume: ResumePoint) -> bool:

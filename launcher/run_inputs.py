@@ -28,25 +28,32 @@ def prepare_for(resolved: ResolvedRun) -> list[tuple[str, Path]]:
     return prepare_run_sources(resolved.config, resolved.shape.vocab_size)
 
 
-def check_previous_run(resolved: ResolvedRun) -> str | None:
-    """Before any process starts: the run directory's newest checkpoint must be of this model and batch
-    (one line otherwise), and a run that already reached its end says so instead of starting processes
-    that would only find nothing to do. Returns that line, or None when there is training to do."""
-    from bigmodel_dist.checkpoint.manager import check_resumable, newest_committed
+def check_previous_run(resolved: ResolvedRun) -> tuple[ResolvedRun, str | None]:
+    """Before any process starts, against the checkpoint the run resumes from: it must be of this model
+    and batch, and of this corpus unless the run accepts a change (one line otherwise); the data is then
+    the checkpoint's tokenizer's (the returned run). A run that already reached its end says so (the
+    returned line) instead of starting processes that would only find nothing to do."""
+    import dataclasses
+
+    from bigmodel_dist.checkpoint.manager import check_resumable, requested_resume
+    from bigmodel_dist.data.continuity import continue_data
 
     cfg = resolved.config
-    if cfg.checkpoint.resume != "latest":
-        return None  # `none` refuses a run dir with checkpoints in the trainer; a path names its own
-    previous = newest_committed(resolved.run_dir)
+    previous = requested_resume(cfg.checkpoint.resume, resolved.run_dir)
     if previous is None:
-        return None
+        return resolved, None
     check_resumable(previous, resolved)
+    pinned, _ = continue_data(cfg, previous)
+    resolved = dataclasses.replace(resolved, config=pinned)
+    if cfg.checkpoint.resume != "latest":
+        return resolved, None  # a path names its own checkpoint, of another run
     state = previous.train_state
     step, tokens = int(state.get("step", 0)), int(state.get("tokens_seen", 0))
     max_tokens = cfg.train.max_tokens
     if step < cfg.train.max_steps and not (max_tokens and tokens >= max_tokens):
-        return None
+        return resolved, None
     reached = f"train.max_steps={cfg.train.max_steps}" if step >= cfg.train.max_steps else \
         f"train.max_tokens={max_tokens}"
-    return (f"run {cfg.name} is already complete: {previous.path} is at step {step} ({reached}); nothing to do. "
-            f"Raise --train.max_steps to train on from there, or start a new run with --name or --output_dir")
+    return resolved, (f"run {cfg.name} is already complete: {previous.path} is at step {step} ({reached}); nothing "
+                      "to do. Raise --train.max_steps to train on from there, or start a new run with --name or "
+                      "--output_dir")

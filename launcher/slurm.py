@@ -77,6 +77,7 @@ def preflight(config: str, overrides: list[str]) -> ResolvedRun:
     import torch
 
     from bigmodel_dist.checkpoint.manager import check_resumable, newest_committed
+    from bigmodel_dist.data.continuity import continue_data
 
     nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
     expanded = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True).stdout
@@ -92,8 +93,9 @@ def preflight(config: str, overrides: list[str]) -> ResolvedRun:
                              "lower --gpus-per-node / BIGMODEL_NPROC_PER_NODE")
     resolved = resolve_run(load_config(config, overrides), nnodes * per_node)
     previous = newest_committed(resolved.run_dir)
-    if previous is not None:  # the run name is the resume key: it must name the same run
+    if previous is not None:  # the run name is the resume key: it must name the same run, on the same corpus
         check_resumable(previous, resolved)
+        continue_data(resolved.config, previous)
     return resolved
 
 

@@ -259,6 +259,17 @@ def check_resumable(resume: ResumePoint, resolved: ResolvedRun) -> None:
                                  "use the checkpoint's settings or a new run name")
 
 
+def requested_resume(resume: str, run_dir: RunDir) -> ResumePoint | None:
+    """A quick look (no checksums) at the checkpoint `checkpoint.resume` names: the newest of the run dir
+    (`latest`), a path, or none."""
+    if resume == "none":
+        return None
+    if resume == "latest":
+        return newest_committed(run_dir)
+    meta, _ = read_checkpoint_meta(Path(resume))
+    return ResumePoint(Path(resume), meta) if meta is not None else None
+
+
 def newest_committed(run_dir: RunDir) -> ResumePoint | None:
     """The newest step directory with readable metadata (no checksums: a quick look, e.g. pre-flight)."""
     for path in step_dirs(run_dir.checkpoints):

@@ -101,7 +101,12 @@ class DataConfig:
     max_bytes: int = 0
     """Read at most this many bytes of text (documents in sorted order); 0 reads everything."""
     tokenizer: str | None = None
-    """Local folder of a Hugging Face fast tokenizer. None trains a byte-level BPE on the corpus."""
+    """Local folder of a Hugging Face fast tokenizer. None trains a byte-level BPE on the corpus. A resumed
+    run always uses its checkpoint's tokenizer (saved in it)."""
+    accept_corpus_change: bool = False
+    """Resume even though files were added to, removed from or modified in the corpus since the
+    checkpoint: the new corpus is tokenized with the checkpoint's tokenizer and the change is recorded
+    as a `data` incident. Off: such a resume is refused, naming the files."""
     seq_len: int = 256
     """Tokens per packed training sequence."""
     val_fraction: float = 0.02
