@@ -112,3 +112,25 @@ def on_rank0_then_shared(is_main: bool, work: Callable[[], T]) -> T:
     if error:
         raise UserInputError(error)
     return result
+
+
+# What gloo and NCCL say when a peer process is gone (it died, or was killed after its own error).
+PEER_LOSS_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+                      "NCCL communicator was aborted")
+
+
+def lost_peers(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that broke because another rank went away."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistNetworkError):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in PEER_LOSS_MESSAGES)
+
+
+def first_line(exc: BaseException) -> str:
+    """The gist of an error: its first sentence, without a C++ source location in front."""
+    import re
+
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())
+    return text.split(". ")[0].splitlines()[0][:300] if text else type(exc).__name__

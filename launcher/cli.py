@@ -140,7 +140,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     clock = StartupClock()
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env, torchrun_env_from_slurm
+    from bigmodel_dist.distributed import facts_from_env, first_line, lost_peers, torchrun_env_from_slurm
     from launcher.logs import setup_logging
 
     os.environ.update(torchrun_env_from_slurm(os.environ))  # srun's one-task-per-GPU mode
@@ -171,6 +171,14 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     except RunFailedError as exc:  # e.g. a full disk: one line naming the rank, path and cause
         if facts.is_main or not exc.on_every_rank:
             print_error(exc)
+        return EXIT_RUN_FAILED
+    except Exception as exc:
+        if facts.world_size == 1 or not lost_peers(exc):
+            raise
+        # Another rank died first (its own line says why) and this one's collective broke: one line, not a
+        # page of gloo/NCCL frames that hides the cause.
+        print_error(RunFailedError(f"rank {facts.rank}: lost contact with the other ranks ({first_line(exc)}); the "
+                                   "first error above is the cause"))
         return EXIT_RUN_FAILED
     if not (state.stop_reason or signals.received):
         return 0

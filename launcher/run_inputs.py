@@ -21,11 +21,36 @@ def resume_override(args: argparse.Namespace) -> list[str]:
 
 
 def prepare_for(resolved: ResolvedRun) -> list[tuple[str, Path]]:
-    """Prepare the run's data in this process (progress bar here, errors before any process group):
-    (source name, prepared folder) of every source."""
+    """Prepare the run's data in this process (progress bar here, errors before any process group), and
+    check its shards: a damaged shard of a derived folder is rebuilt here, one of an explicit
+    `data.prepared_dir` refused in one line. (source name, prepared folder) of every source."""
     from bigmodel_dist.data.mixture_sources import prepare_run_sources
 
-    return prepare_run_sources(resolved.config, resolved.shape.vocab_size)
+    cfg = resolved.config
+    prepared = prepare_run_sources(cfg, resolved.shape.vocab_size)
+    if _remove_damaged_shards(prepared, cfg.data.verify, explicit=cfg.data.prepared_dir):
+        prepared = prepare_run_sources(cfg, resolved.shape.vocab_size)  # writes the removed shards again
+    return prepared
+
+
+def _remove_damaged_shards(prepared: list[tuple[str, Path]], verify: str, explicit: str | None) -> bool:
+    import logging
+
+    from bigmodel_dist.data.dataset import damaged_shards
+    from bigmodel_dist.errors import UserInputError
+
+    removed = False
+    for _, folder in prepared:
+        damaged = damaged_shards(folder, verify)
+        if damaged and explicit:  # prepared elsewhere, perhaps from sources this machine lacks: not ours to redo
+            raise UserInputError(damaged[0][1])
+        for info, problem in damaged:
+            logging.getLogger(__name__).warning("%s: rebuilding it", problem.split("; ")[0])
+            for name in (info["file"], Path(info["file"]).with_suffix(".json").name):
+                (folder / name).unlink(missing_ok=True)
+            (folder / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until the shard is back
+            removed = True
+    return removed
 
 
 def check_previous_run(resolved: ResolvedRun) -> tuple[ResolvedRun, str | None]:

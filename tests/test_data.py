@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from bigmodel_dist.data.sampler import ShuffledOrder
 from bigmodel_dist.errors import UserInputError
 from bigmodel_dist.fileio import file_checksum
 
-from .cli import TINY_CONFIG, assert_one_line_error, run_cli
+from .cli import ERROR_PREFIX, TINY_CONFIG, assert_one_line_error, run_cli, run_command
+from .conftest import REPO
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -235,3 +238,61 @@ def test_prepare_then_train_two_ranks_zero2(corpus, tmp_path, cli_env):
     # training read the prepared folder as it was (nothing rewritten or added) and built no other one
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == files
     assert not list(tmp_path.glob(".cache/prepared-*"))
+
+
+def _corrupt(shard: Path) -> None:
+    payload = bytearray(shard.read_bytes())
+    payload[100] ^= 0xFF
+    shard.write_bytes(bytes(payload))
+
+
+@pytest.mark.distributed
+def test_launch_local_rebuilds_a_corrupted_cache_shard_before_starting(corpus, tmp_path, cli_env):
+    """A shard of the derived cache is damaged: the launcher finds it before torchrun and rebuilds that
+    shard (the cache is ours to redo); the run then trains on whole data."""
+    overrides = [f"--data.paths=[{corpus}]", "--data.seq_len=64", f"--output_dir={tmp_path}",
+                 "--logging.wandb_mode=disabled", "--train.max_steps=1", "--train.eval_every=0"]
+    assert run_cli([*PREPARE, *overrides], cwd=tmp_path, env=cli_env).returncode == 0
+    (shard,) = tmp_path.glob(".cache/prepared-*/shard-00000.bin")
+    _corrupt(shard)
+    result = run_cli(["launch", "local", TINY_CONFIG, "--nproc-per-node=1", *overrides], cwd=tmp_path, env=cli_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"prepared shard {shard}: checksum mismatch (corrupted): rebuilding it" in result.stderr
+    assert "Traceback" not in result.stderr and "error:" not in result.stderr
+    meta = json.loads((shard.parent / "meta.json").read_text())
+    assert file_checksum(shard) == meta["shards"][0]["xxh3_128"]
+
+
+@pytest.mark.distributed
+def test_a_corrupted_explicit_prepared_folder_is_refused_before_any_process(corpus, tmp_path, cli_env):
+    out = tmp_path / "prep"
+    overrides = [f"--data.paths=[{corpus}]", "--data.seq_len=64", f"--output_dir={tmp_path}",
+                 "--logging.wandb_mode=disabled", "--train.max_steps=1"]
+    assert run_cli([*PREPARE, *overrides, f"--out={out}"], cwd=tmp_path, env=cli_env).returncode == 0
+    _corrupt(out / "shard-00000.bin")
+    damaged = (out / "shard-00000.bin").read_bytes()
+    result = run_cli(["launch", "local", TINY_CONFIG, "--nproc-per-node=2", *overrides, f"--data.prepared_dir={out}"],
+                     cwd=tmp_path, env=cli_env)
+    assert_one_line_error(result, "shard-00000.bin", "checksum mismatch", after_logs=True)
+    assert "launching" not in result.stderr
+    assert (out / "shard-00000.bin").read_bytes() == damaged  # reported, not repaired behind the user's back
+
+
+@pytest.mark.distributed
+def test_a_rank_that_loses_its_peers_says_so_in_one_line(corpus, tmp_path, cli_env):
+    """Without our launcher (torchrun itself): rank 0 finds the corrupted shard (local rank 0 checks
+    checksums), rank 1's next collective breaks. Each prints one line; none prints our frames."""
+    out = tmp_path / "prep"
+    overrides = [f"--data.paths=[{corpus}]", "--data.seq_len=64", f"--output_dir={tmp_path}",
+                 "--logging.wandb_mode=disabled", "--train.max_steps=1"]
+    assert run_cli([*PREPARE, *overrides, f"--out={out}"], cwd=tmp_path, env=cli_env).returncode == 0
+    _corrupt(out / "shard-00000.bin")
+    result = run_command([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "launcher.cli",
+                          "train", TINY_CONFIG, *overrides, f"--data.prepared_dir={out}"], cwd=tmp_path, env=cli_env)
+    output = result.stdout + result.stderr
+    errors = sorted(line for line in output.splitlines() if line.startswith(ERROR_PREFIX))
+    assert result.returncode != 0 and len(errors) == 2, output[-4000:]
+    assert "checksum mismatch (corrupted)" in errors[0]
+    assert errors[1].startswith(f"{ERROR_PREFIX} rank 1: lost contact with the other ranks (Connection closed by peer")
+    ours = re.compile(rf'File "{re.escape(str(REPO))}/(bigmodel_dist|launcher)/')
+    assert not ours.search(output), output[-4000:]  # no frames of ours (torchrun's own report aside)

@@ -42,6 +42,9 @@ def test_a_full_disk_ends_the_run_with_one_error_naming_rank_path_and_cause(smal
     failed = errors[0]
     assert "rank " in failed and str(run_dir / "checkpoints") in failed and "no space left on device" in failed.lower(), shown
     assert "Traceback" not in output, shown
+    ranks = [re.search(r"rank (\d+)", line) for line in errors]
+    assert all(ranks) and len({m.group(1) for m in ranks if m}) == len(errors), shown  # at most one line per rank
+    assert "Logging error" not in output and "unexpected pos" not in output, shown
     assert not (run_dir / "COMPLETED").exists() and not (run_dir / "STOPPED").exists()
 
     # It stopped within a step or two of the failing save (step 4: step 2's checkpoint fits, step 4's not).

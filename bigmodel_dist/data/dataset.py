@@ -36,17 +36,34 @@ class PackedDataset:
 
 
 def _open_shard(path: Path, info: dict, dtype: np.dtype, seq_len: int, verify: str) -> np.ndarray:
-    if not path.is_file():
-        raise UserInputError(f"prepared shard {path}: missing; run `bigmodel prepare` again to rebuild it")
-    if path.stat().st_size != info["num_bytes"]:
-        raise UserInputError(f"prepared shard {path}: {path.stat().st_size} bytes, expected {info['num_bytes']} "
-                             "(truncated?); delete it and run `bigmodel prepare` again")
-    if verify == "checksum" and file_checksum(path) != info["xxh3_128"]:
-        raise UserInputError(f"prepared shard {path}: checksum mismatch (corrupted); delete it and run "
-                             "`bigmodel prepare` again")
+    problem = shard_problem(path, info, verify)
+    if problem:
+        raise UserInputError(problem)
     if info["num_sequences"] == 0:
         return np.empty((0, seq_len), dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(info["num_sequences"], seq_len))
+
+
+def shard_problem(path: Path, info: dict, verify: str = "checksum") -> str | None:
+    """What is wrong with a prepared shard (missing, truncated, corrupted), as one line; None if it is whole."""
+    if not path.is_file():
+        return f"prepared shard {path}: missing; run `bigmodel prepare` again to rebuild it"
+    if path.stat().st_size != info["num_bytes"]:
+        return (f"prepared shard {path}: {path.stat().st_size} bytes, expected {info['num_bytes']} (truncated?); "
+                "delete it and run `bigmodel prepare` again")
+    if verify == "checksum" and file_checksum(path) != info["xxh3_128"]:
+        return f"prepared shard {path}: checksum mismatch (corrupted); delete it and run `bigmodel prepare` again"
+    return None
+
+
+def damaged_shards(prepared: Path, verify: str = "checksum") -> list[tuple[dict, str]]:
+    """Each damaged shard of a complete prepared folder: (its entry in meta.json, what is wrong)."""
+    found = []
+    for info in read_prepared_meta(prepared)["shards"]:
+        problem = shard_problem(prepared / info["file"], info, verify)
+        if problem:
+            found.append((info, problem))
+    return found
 
 
 class MixedDataset:
