@@ -5,7 +5,7 @@ resume from step s, steps > s logged before the restart were redone, so the read
 step appears once, with its value from the run that counted. Unreadable lines are skipped and counted.
 
 Incidents are records too, one line each: {"event": <kind>, "step", "time", <details>} with kind one of
-`INCIDENTS` (a hang, a bad node, a straggler, a skipped step, a rollback, a mixture change, a resize, a corpus change). They are kept as they were
+`INCIDENTS` (a hang, a bad node, a straggler, a skipped step, a rollback, a mixture change, a resize, a corpus change, a batch-size change). They are kept as they were
 written, also when the steps around them were redone.
 """
 
@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-INCIDENTS = ("hang", "bad_node", "straggler", "skip", "rollback", "mixture", "resize", "data")
-# mixture: weights changed; data: the corpus changed under a resumed run (accepted with data.accept_corpus_change)
+INCIDENTS = ("hang", "bad_node", "straggler", "skip", "rollback", "mixture", "resize", "data", "batch")
+# mixture: weights changed; data: the corpus changed under a resumed run (accepted with data.accept_corpus_change);
+# batch: the global batch size changed on resume (the run goes on from the same sample)
 LAUNCHER = "launcher"  # the `source` of incidents a launcher or health check wrote, not a trainer
 
 

@@ -31,12 +31,23 @@ class TrainState:
     last_rollback_to: int = -1  # the step the last rollback went back to
     lr_scale: float = 1.0  # product of resilience.rollback_lr_factor over the rollbacks
     mixture: list[dict] = field(default_factory=list)  # the data mixture's segments (data/mixture.py)
+    # [step, logical samples] where the global batch size of now began (a batch changed on resume)
+    batch_origin: list[int] = field(default_factory=lambda: [0, 0])
 
-    def advance(self, tokens: int, samples: int) -> None:
-        """One step of `samples` global samples done: the cursor passes over skipped ranges it meets."""
+    def logical_samples(self, step: int, batch: int) -> int:
+        """Samples consumed after `step` steps, before skipped ranges: `batch` per step since batch_origin."""
+        origin_step, origin_samples = self.batch_origin
+        return origin_samples + (step - origin_step) * batch
+
+    def advance(self, tokens: int, batch: int) -> None:
+        """One step of `batch` global samples done: the cursor passes over skipped ranges it meets."""
         self.step += 1
         self.tokens_seen += tokens
-        self.samples_seen = global_index(self.step * samples, self.skipped_ranges)
+        self.samples_seen = global_index(self.logical_samples(self.step, batch), self.skipped_ranges)
+
+    def change_batch(self, old_batch: int) -> None:
+        """The global batch size changes here (it was `old_batch`): later steps count from this sample."""
+        self.batch_origin = [self.step, self.logical_samples(self.step, old_batch)]
 
     def goodput(self) -> float:
         return self.productive_s / max(1e-9, time.time() - self.run_started_at)

@@ -184,8 +184,9 @@ class Trainer:
                 check_resumable(resume, resolved)
                 load_from = self._loadable_copy(resume, accelerator)
         self.clock.mark("checkpoint checks")
+        batch_change = None
         if resume is not None:
-            self._load(resume, load_from)
+            batch_change = self._load(resume, load_from)
             self.clock.mark("checkpoint load")
         self.checkpoints.install_engine(self.runtime.engine)  # saves are ours; loading stays DeepSpeed's
         self.stopper = StopController(self.signals, self.cfg.checkpoint.end_time or facts.job_end_time,
@@ -210,6 +211,8 @@ class Trainer:
             self.metrics.incident(self.state.step, "resize", **details)
         if resume is not None and self._corpus_change:
             self.metrics.incident(self.state.step, "data", **self._corpus_change.as_incident())
+        if batch_change:
+            self.metrics.incident(self.state.step, "batch", **batch_change)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -355,7 +358,7 @@ class Trainer:
         return BatchLoader(self.dataset.train, self.resolved.layout, self.facts.rank, self.cfg.seed,
                            start_step=self.state.step, prefetch=self.cfg.data.prefetch,
                            pin_memory=torch.cuda.is_available(), skipped=self.state.skipped_ranges, read=read,
-                           ledger=self._ledger)
+                           ledger=self._ledger, origin=self.state.batch_origin)
 
     def _sync_mixture(self) -> None:
         """The mixture's segments in the training state: the checkpoint's, switched to the config's
@@ -381,7 +384,8 @@ class Trainer:
     def _check_budgets_last(self, schedule: MixtureSchedule) -> None:
         """Every budget spent before the run's last step would leave steps without data: refuse now."""
         batch = self.resolved.layout.global_batch_size
-        refuse_short_budgets(schedule.end, global_index(self.cfg.train.max_steps * batch, self.state.skipped_ranges),
+        last = self.state.logical_samples(self.cfg.train.max_steps, batch)
+        refuse_short_budgets(schedule.end, global_index(last, self.state.skipped_ranges),
                              self.cfg.train.max_steps, batch)
 
     def _roll_back(self) -> None:
@@ -406,22 +410,25 @@ class Trainer:
                 "learning rate", on_every_rank=True)
         self.checkpoints.discard_from(target.train_state["step"] + 1)  # the abandoned timeline's saves
         batch = self.resolved.layout.global_batch_size
-        bad = [global_index((state.first_bad_step - 1) * batch, state.skipped_ranges), state.samples_seen]
+        bad = [global_index(state.logical_samples(state.first_bad_step - 1, batch), state.skipped_ranges),
+               state.samples_seen]
         bad_step = state.step
         kept = {"run_started_at": state.run_started_at, "skipped_steps": state.skipped_steps,
                 "rollbacks": state.rollbacks + 1, "lr_scale": state.lr_scale * cfg.rollback_lr_factor,
                 "skipped_ranges": sorted([*state.skipped_ranges, bad]),
                 "skipped_samples": state.skipped_samples + bad[1] - bad[0]}
         self.loader.close()
-        self._load(target, self._loadable_copy(target, self.runtime.accelerator))
+        batch_change = self._load(target, self._loadable_copy(target, self.runtime.accelerator))
         state.load_state_dict(kept)
-        state.samples_seen = global_index(state.step * batch, state.skipped_ranges)
+        state.samples_seen = global_index(state.logical_samples(state.step, batch), state.skipped_ranges)
         state.last_rollback_to = state.step
         self._sync_mixture()
         self.loader = self._open_loader()
         self.metrics.incident(bad_step, "rollback", to_step=state.step, lost_steps=bad_step - state.step,
                               skipped_samples=bad, checkpoint=str(target.path), lr_scale=state.lr_scale)
         self.metrics.mark_restart(state.step, redone_through=bad_step)
+        if batch_change:
+            self.metrics.incident(state.step, "batch", **batch_change)
 
     def _open_data(self) -> PackedDataset | MixedDataset:
         """Rank 0 prepares (or finds) the data first and shares any input error; then every rank opens it.
@@ -491,8 +498,10 @@ class Trainer:
             load_universal_checkpoints(accelerator)
         return copy
 
-    def _load(self, resume: ResumePoint, copy: LoadableCopy) -> None:
-        """Model, optimizer and RNG states through Accelerate; the training state from the metadata."""
+    def _load(self, resume: ResumePoint, copy: LoadableCopy) -> dict[str, int] | None:
+        """Model, optimizer and RNG states through Accelerate; the training state from the metadata. A
+        checkpoint of another global batch size: the run goes on from its sample with this one (a batch
+        ramp-up), and the change is returned for a `batch` incident."""
         accelerator = self.runtime.accelerator
         set_universal_loading(self.runtime.engine, copy.universal)
         accelerator.load_state(str(copy.path))
@@ -503,6 +512,11 @@ class Trainer:
         self.state.wandb_run_id = self.metrics.run_id
         log.info("resumed from %s at step %d (%d samples consumed)", resume.path, self.state.step,
                  self.state.samples_seen)
+        written, batch = resume.meta.get("global_batch_size"), self.resolved.layout.global_batch_size
+        if not written or written == batch:
+            return None
+        self.state.change_batch(written)
+        return {"old_batch": written, "new_batch": batch, "at_sample": self.state.samples_seen}
 
     # ---- metrics ------------------------------------------------------------------------------------
     def _log(self, metrics: dict[str, Any]) -> None:

@@ -248,11 +248,12 @@ class CheckpointManager:
 
 
 def check_resumable(resume: ResumePoint, resolved: ResolvedRun) -> None:
-    """The checkpoint must be of this model and batch shape (the data cursor counts global batches)."""
+    """The checkpoint must be of this model and sequence length (the data cursor counts sequences). The
+    global batch size may change (a ramp-up): the run goes on from the same sample."""
     meta, cfg = resume.meta, resolved.config
     wanted = {"model": {"preset": cfg.model.preset, "vocab_size": resolved.shape.vocab_size,
                         "num_parameters": resolved.num_parameters},
-              "global_batch_size": resolved.layout.global_batch_size, "seq_len": cfg.data.seq_len}
+              "seq_len": cfg.data.seq_len}
     for key, value in wanted.items():
         if meta.get(key) != value:
             raise UserInputError(f"checkpoint {resume.path}: written with {key}={meta.get(key)}, the config has {value}; "

@@ -1,7 +1,8 @@
 """Per-rank micro-batches in training order, prepared ahead by a background thread.
 
-The position in the data is one number, the global samples consumed (`step * global_batch_size`),
-so a loader rebuilt at any step, on any world size with the same global batch, continues exactly.
+The position in the data is one number, the global samples consumed (`step * global_batch_size`, or
+from the step where a resumed run changed its global batch size: `origin`), so a loader rebuilt at any
+step, on any world size, continues exactly.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ def micro_batch(rows, order: ShuffledOrder, layout: BatchLayout, step: int, micr
 
 
 def read_micro_batch(read: Callable[[int], np.ndarray], layout: BatchLayout, step: int, micro_step: int, rank: int,
-                     skipped: Sequence[Sequence[int]] = ()) -> np.ndarray:
+                     skipped: Sequence[Sequence[int]] = (), origin: Sequence[int] = (0, 0)) -> np.ndarray:
     """One micro-batch; `read(g)`: the sequence global sample `g` is (a shuffled pool, or a mixture)."""
-    indices = micro_batch_indices(layout, step, micro_step, rank, skipped)
+    indices = micro_batch_indices(layout, step, micro_step, rank, skipped, origin)
     return np.stack([read(i) for i in indices]).astype(np.int64)
 
 
@@ -36,11 +37,13 @@ class BatchLoader:
 
     def __init__(self, rows, layout: BatchLayout, rank: int, seed: int, start_step: int = 0,
                  prefetch: int = 4, pin_memory: bool = False, skipped: Sequence[Sequence[int]] = (),
-                 read: Callable[[int], np.ndarray] | None = None, ledger: SampleLedger | None = None):
+                 read: Callable[[int], np.ndarray] | None = None, ledger: SampleLedger | None = None,
+                 origin: Sequence[int] = (0, 0)):
         """`rows`: one pool of sequences, read in a seeded per-epoch order; or `read(g)` gives global
         sample g's sequence (a mixture of sources) and `rows` is not used."""
         self._layout, self._rank = layout, rank
         self.skipped = [list(r) for r in skipped]
+        self.origin = tuple(origin)  # (step, samples) where this global batch size began
         if read is None:
             order = ShuffledOrder(len(rows), seed)
             read = lambda i: rows[order[i]]  # noqa: E731
@@ -63,7 +66,7 @@ class BatchLoader:
         try:
             for step, micro_step in self._positions(start_step):
                 batch = torch.from_numpy(read_micro_batch(self._read, self._layout, step, micro_step, self._rank,
-                                                          self.skipped))
+                                                          self.skipped, self.origin))
                 item = (step, micro_step, batch.pin_memory() if self._pin else batch)
                 while not self._stop.is_set():
                     try:
@@ -78,7 +81,7 @@ class BatchLoader:
 
     def indices(self, step: int, micro_step: int) -> list[int]:
         """The global sample indices of this rank's micro-batch at (step, micro_step)."""
-        return micro_batch_indices(self._layout, step, micro_step, self._rank, self.skipped)
+        return micro_batch_indices(self._layout, step, micro_step, self._rank, self.skipped, self.origin)
 
     def next(self, step: int, micro_step: int) -> torch.Tensor:
         got_step, got_micro, batch = self._queue.get()

@@ -46,9 +46,11 @@ def global_index(logical: int, skipped: Sequence[Sequence[int]] = ()) -> int:
 
 
 def micro_batch_indices(layout: BatchLayout, step: int, micro_step: int, rank: int,
-                        skipped: Sequence[Sequence[int]] = ()) -> list[int]:
-    """Global sample indices of one micro-batch of one rank; `skipped`: ranges passed over by rollbacks."""
-    start = step * layout.global_batch_size + (micro_step * layout.data_parallel_size + rank) * layout.micro_batch_size
+                        skipped: Sequence[Sequence[int]] = (), origin: Sequence[int] = (0, 0)) -> list[int]:
+    """Global sample indices of one micro-batch of one rank; `skipped`: ranges passed over by rollbacks;
+    `origin`: (step, samples) where this global batch size began (a run that changed it on resume)."""
+    first = origin[1] + (step - origin[0]) * layout.global_batch_size
+    start = first + (micro_step * layout.data_parallel_size + rank) * layout.micro_batch_size
     return [global_index(start + i, skipped) for i in range(layout.micro_batch_size)]
 
 
