@@ -95,3 +95,18 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(tmp_path, corpus, cli
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert f"data.tokenizer {other}: not the tokenizer checkpoint" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_data_prepared_elsewhere_without_its_sources_here_records_no_files(tmp_path, corpus):
+    """`data.prepared_dir` may be used where its sources are not (prepared on another machine): the run
+    neither fails on the missing paths nor calls a later resume's corpus changed."""
+    from bigmodel_dist.config import load_config
+    from bigmodel_dist.data.continuity import corpus_change, corpus_files
+
+    folder, _ = corpus
+    here = load_config(None, [f"--data.paths=[{folder}]", f"--data.prepared_dir={tmp_path / 'prep'}"]).data
+    absent = load_config(None, [f"--data.paths=[{tmp_path / 'elsewhere'}]",
+                                f"--data.prepared_dir={tmp_path / 'prep'}"]).data
+    assert len(corpus_files(here)) == 60 and corpus_files(absent) == {}
+    recorded = {"files": {}, "settings": {}}
+    assert not corpus_change(recorded, absent)

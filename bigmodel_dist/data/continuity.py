@@ -13,8 +13,10 @@ Launchers call it before any process starts; every rank calls it again before it
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bigmodel_dist.config.paths import PYTHON_STDLIB
 from bigmodel_dist.data.sources import input_files
 from bigmodel_dist.errors import UserInputError
 
@@ -27,11 +29,13 @@ SHOWN = 3  # file names a refusal shows per kind of change
 
 
 def corpus_files(data: DataConfig) -> dict[str, list[int]]:
-    """Every input file of the run (all sources of a mixture): path -> [size, mtime_ns]."""
+    """Every input file of the run (all sources of a mixture): path -> [size, mtime_ns]. None are listed
+    for a hub dataset, or for data prepared elsewhere (`data.prepared_dir`) whose sources are not here:
+    nothing local to compare."""
     configs = [dataclasses.replace(data, paths=list(s.paths), dataset=s.dataset) for s in data.sources] or [data]
     files: dict[str, list[int]] = {}
     for config in configs:
-        if config.dataset:  # a hub dataset: nothing local to compare
+        if config.dataset or (data.prepared_dir and not _sources_here(config)):
             continue
         for path in input_files(config):
             members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -39,6 +43,10 @@ def corpus_files(data: DataConfig) -> dict[str, list[int]]:
                 stat = member.stat()
                 files[str(member)] = [stat.st_size, stat.st_mtime_ns]
     return files
+
+
+def _sources_here(data: DataConfig) -> bool:
+    return all(path == PYTHON_STDLIB or Path(path).exists() for path in data.paths)
 
 
 def checkpoint_data(data: DataConfig, tokenizer_fingerprint: str) -> dict[str, Any]:
