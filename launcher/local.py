@@ -206,7 +206,7 @@ def _train(args: argparse.Namespace, overrides: list[str], resolved: ResolvedRun
     """Under the lease: a finished run says so; the data is prepared here; torchrun starts and is
     supervised; one exit code. `markers_here`: rank 0, which writes the run's markers, is of this launch
     (one node, or a launch id every node shares)."""
-    resolved, finished = check_previous_run(resolved)  # another model, batch or corpus: one line, here
+    resolved, finished = check_previous_run(resolved)  # another model or corpus: one line, here
     if finished and nodes == (1, 1):  # (other nodes would wait in the rendezvous: there the trainer says it)
         log.info(finished)
         return 0

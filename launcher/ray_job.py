@@ -194,7 +194,7 @@ def run(config_path: str, overrides: list[str], stop: DriverStop) -> int:
     import ray
 
     check_cluster_fits(cfg, ray.cluster_resources())
-    resolved, finished = check_previous_run(resolved)  # another model, batch or corpus: one line, before any worker
+    resolved, finished = check_previous_run(resolved)  # another model or corpus: one line, before any worker
     if finished:
         log.info(finished)
         return 0

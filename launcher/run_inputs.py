@@ -55,7 +55,7 @@ def _remove_damaged_shards(prepared: list[tuple[str, Path]], verify: str, explic
 
 def check_previous_run(resolved: ResolvedRun) -> tuple[ResolvedRun, str | None]:
     """Before any process starts, against the checkpoint the run resumes from: it must be of this model
-    and batch, and of this corpus unless the run accepts a change (one line otherwise); the data is then
+    and sequence length, and of this corpus unless the run accepts a change (one line otherwise); the data is then
     the checkpoint's tokenizer's (the returned run). A run that already reached its end says so (the
     returned line) instead of starting processes that would only find nothing to do."""
     import dataclasses

@@ -13,11 +13,9 @@ Launchers call it before any process starts; every rank calls it again before it
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bigmodel_dist.config.paths import PYTHON_STDLIB
-from bigmodel_dist.data.sources import input_files
+from bigmodel_dist.data.sources import file_stats, input_files, sources_here
 from bigmodel_dist.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -35,18 +33,11 @@ def corpus_files(data: DataConfig) -> dict[str, list[int]]:
     configs = [dataclasses.replace(data, paths=list(s.paths), dataset=s.dataset) for s in data.sources] or [data]
     files: dict[str, list[int]] = {}
     for config in configs:
-        if config.dataset or (data.prepared_dir and not _sources_here(config)):
+        if config.dataset or (data.prepared_dir and not sources_here(config)):
             continue
-        for path in input_files(config):
-            members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            for member in members:
-                stat = member.stat()
-                files[str(member)] = [stat.st_size, stat.st_mtime_ns]
+        for member, stat in file_stats(input_files(config)):
+            files[str(member)] = [stat.st_size, stat.st_mtime_ns]
     return files
-
-
-def _sources_here(data: DataConfig) -> bool:
-    return all(path == PYTHON_STDLIB or Path(path).exists() for path in data.paths)
 
 
 def checkpoint_data(data: DataConfig, tokenizer_fingerprint: str) -> dict[str, Any]:

@@ -31,7 +31,13 @@ import numpy as np
 
 from bigmodel_dist.config.schema import Config, DataConfig
 from bigmodel_dist.data.prepare_plan import DOCS_PER_BATCH, Plan, ShardWriter, finalize, stable_hash
-from bigmodel_dist.data.sources import check_input_files, input_files, load_text_dataset, source_fingerprint
+from bigmodel_dist.data.sources import (
+    check_input_files,
+    input_files,
+    load_text_dataset,
+    source_fingerprint,
+    sources_here,
+)
 from bigmodel_dist.data.tokenizer import (
     load_tokenizer,
     save_tokenizer_atomically,
@@ -134,9 +140,7 @@ def _reuse_prepared(prepared: Path, data_cfg: DataConfig, model_vocab_size: int)
     wanted: dict[str, Any] = {"seq_len": data_cfg.seq_len, "val_fraction": data_cfg.val_fraction}
     if data_cfg.tokenizer is not None:
         wanted["tokenizer_fingerprint"] = tokenizer_fingerprint(load_tokenizer(data_cfg.tokenizer))
-    sources_here = data_cfg.dataset is None and all(
-        p == "python-stdlib" or Path(p).exists() for p in data_cfg.paths)
-    if sources_here:  # data prepared on another machine may not have its sources here
+    if sources_here(data_cfg):  # data prepared on another machine may not have its sources here
         wanted["source_fingerprint"] = source_fingerprint(input_files(data_cfg), data_cfg)
     meta = read_prepared_meta(prepared)
     check_compatible(meta, wanted, prepared)

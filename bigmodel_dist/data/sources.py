@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 from bigmodel_dist.config.paths import PYTHON_STDLIB
@@ -121,11 +122,21 @@ def _check_parquet(path: Path, column: str) -> None:
 def source_fingerprint(files: list[Path], data_cfg: DataConfig) -> str:
     """Changes when a file, its size or mtime, the byte cap or the text column changes."""
     digest = hashlib.sha256(json.dumps([data_cfg.max_bytes, data_cfg.text_column, data_cfg.dataset]).encode())
+    for member, stat in file_stats(files):
+        digest.update(f"{member.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def file_stats(files: list[Path]) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every file of `input_files` (the members of a saved-dataset folder included), sorted, with its stat."""
     for path in files:
         for member in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-            stat = member.stat()
-            digest.update(f"{member.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
+            yield member, member.stat()
+
+
+def sources_here(data_cfg: DataConfig) -> bool:
+    """Whether this machine has the config's input paths (data prepared elsewhere may not)."""
+    return data_cfg.dataset is None and all(p == PYTHON_STDLIB or Path(p).exists() for p in data_cfg.paths)
 
 
 def load_text_dataset(data_cfg: DataConfig, files: list[Path], cache_dir: Path, source_fp: str):
