@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 from benchmarks.report import report
-from bigmodel_dist.fileio import fsync_path
+from bigmodel_dist.core.fileio import fsync_path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PRESET = "gpt2-124m"
@@ -49,8 +49,8 @@ FAST_PYTHON_WRITER = {"type": "python", "data_parallel": "replica"}
 def _worker(args: argparse.Namespace) -> None:
 
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.session import open_trainer
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.training.session import open_trainer
 
     facts = facts_from_env()
     cfg = load_config(None, [*MODEL, f"--model.preset={args.preset}", f"--output_dir={args.workdir}", f"--data.cache_dir={args.cache}", "--name=save",
@@ -140,7 +140,7 @@ def _measure_saves(trainer, facts, args: argparse.Namespace) -> None:
         written.append(stalls[-1] + timed(trainer.checkpoints.settle))  # save start -> committed
     staging = [0] * facts.world_size
     dist.all_gather_object(staging, engine.checkpoint_engine.staging_bytes)
-    from bigmodel_dist.planner import async_staging_bytes, variant_of
+    from bigmodel_dist.run.planner import async_staging_bytes, variant_of
 
     resolved = trainer.resolved
     planned_staging = async_staging_bytes(resolved.num_parameters, variant_of(resolved.deepspeed_config),

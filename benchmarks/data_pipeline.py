@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _texts(max_bytes: int) -> list[str]:
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.data.sources import input_files
+    from bigmodel_dist.config.inputs import input_files
 
     texts, total = [], 0
     for path in input_files(load_config(None, []).data):

@@ -31,8 +31,8 @@ def _worker(args: argparse.Namespace) -> None:
     from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta
     from bigmodel_dist.checkpoint.reshard import convert_for, universal_cache_dir
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.session import open_trainer
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.training.session import open_trainer
 
     facts = facts_from_env()
     cfg = load_config(None, [*MODEL, f"--model.preset={args.preset}", f"--output_dir={args.workdir}",

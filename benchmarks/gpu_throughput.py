@@ -59,8 +59,8 @@ def _planned_gib(overrides: list[str]) -> float:
     import torch
 
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
-    from bigmodel_dist.planner import CUDA_CONTEXT_BYTES, GIB, Hardware, plan_run, variant_of
+    from bigmodel_dist.run.planner import CUDA_CONTEXT_BYTES, GIB, Hardware, plan_run, variant_of
+    from bigmodel_dist.run.resolve import resolve_run
 
     resolved = resolve_run(load_config("configs/gpt2-tiny.yaml", overrides), 1)
     memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * GIB

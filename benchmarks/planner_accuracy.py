@@ -5,7 +5,7 @@
 Two CPU ranks (torchrun, gloo) build the real DeepSpeed engine of each stage in turn and run one
 training step; after the backward pass and after the optimizer step every live tensor is counted once
 per storage (gc), minus what was alive before the engine existed. The peak of those is "measured";
-"planned" is `bigmodel_dist.planner`'s params + grads + optimizer for the same run. Buckets, ZeRO-3's
+"planned" is `bigmodel_dist.run.planner`'s params + grads + optimizer for the same run. Buckets, ZeRO-3's
 gathered working set and activations live only inside forward/backward, where nothing on CPU records
 the peak: `benchmarks/gpu_throughput.py` compares the GPU allocator's peak with the whole plan.
 Goal: 0.85 <= measured ÷ planned <= 1.15. --quick: the tiny model only (CI).
@@ -53,10 +53,10 @@ def _measure_stage(preset: str, precision: str, stage: int) -> dict:
     import torch
 
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.models import build_model, weight_decay_groups
-    from bigmodel_dist.runtime import create_accelerator, prepare
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.model.build import build_model, weight_decay_groups
+    from bigmodel_dist.model.engine import create_accelerator, prepare
+    from bigmodel_dist.run.resolve import resolve_run
 
     facts = facts_from_env()
     resolved = resolve_run(load_config(None, overrides_for(preset, precision, stage)), facts.world_size)
@@ -87,7 +87,7 @@ def _measure_stage(preset: str, precision: str, stage: int) -> dict:
 
 
 def worker(preset: str, precision: str, out: str) -> None:
-    from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.core.distributed import facts_from_env
     from launcher.logs import setup_logging
 
     facts = facts_from_env()
@@ -99,8 +99,8 @@ def worker(preset: str, precision: str, out: str) -> None:
 
 def planned_bytes(preset: str, precision: str, stage: int, ranks: int) -> float:
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
-    from bigmodel_dist.planner import Hardware, Variant, plan_run
+    from bigmodel_dist.run.planner import Hardware, Variant, plan_run
+    from bigmodel_dist.run.resolve import resolve_run
 
     resolved = resolve_run(load_config(None, overrides_for(preset, precision, stage)), ranks)
     plans = {p.variant: p for p in plan_run(resolved, Hardware(gpus=ranks))}

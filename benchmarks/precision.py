@@ -23,7 +23,7 @@ def step_seconds(dtype, steps: int, seed: int = 0) -> float:
     import torch
 
     from bigmodel_dist.config.schema import ModelConfig
-    from bigmodel_dist.models import build_model
+    from bigmodel_dist.model.build import build_model
 
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from bigmodel_dist.precision import choose_precision, detect_device
+    from bigmodel_dist.run.precision import choose_precision, detect_device
 
     fp32, bf16 = [], []
     for _ in range(args.rounds):

@@ -33,9 +33,9 @@ GOALS = {"guards": 1.01, "hang": 1.1, "health_s": 15.0}
 # ---- 1. guards on / off ------------------------------------------------------------------------------
 def _worker(args: argparse.Namespace) -> None:
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.progress import ProgressRecorder
-    from bigmodel_dist.session import open_trainer
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.ft.progress import ProgressRecorder
+    from bigmodel_dist.training.session import open_trainer
     from launcher.logs import setup_logging
 
     facts = facts_from_env()

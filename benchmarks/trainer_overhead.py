@@ -27,8 +27,8 @@ GOAL = 1.03
 def _worker(args: argparse.Namespace) -> None:
 
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.session import open_trainer
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.training.session import open_trainer
     from launcher.logs import setup_logging
 
     facts = facts_from_env()
@@ -49,7 +49,7 @@ def _compare(trainer, facts, args: argparse.Namespace) -> None:
     import deepspeed
     import torch
 
-    from bigmodel_dist.models import build_model, weight_decay_groups
+    from bigmodel_dist.model.build import build_model, weight_decay_groups
 
     cfg, resolved = trainer.cfg, trainer.resolved
 

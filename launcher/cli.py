@@ -10,13 +10,13 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from bigmodel_dist.errors import EXIT_RUN_FAILED, RunFailedError, UserInputError
-from launcher.run_inputs import prepare_for, resume_override
+from bigmodel_dist.core.errors import EXIT_RUN_FAILED, RunFailedError, UserInputError
+from launcher.preflight import prepare_for, resume_override
 from launcher.user_errors import print_error, report_user_errors
 
 if TYPE_CHECKING:
-    from bigmodel_dist.config.validate import ResolvedRun
-    from bigmodel_dist.planner import Hardware
+    from bigmodel_dist.run.planner import Hardware
+    from bigmodel_dist.run.resolve import ResolvedRun
 
 OVERRIDES_HELP = "dotted overrides after the config, e.g. --train.max_steps=20 --deepspeed.config=zero3"
 
@@ -117,7 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--gpu-memory", default="80GiB", help="memory per GPU, for the fit warning (default 80GiB)")
     slurm.set_defaults(handler=_cmd_launch_slurm)
 
-    from launcher.ray_submit import add_parser as add_ray_parser
+    from launcher.ray.submit import add_parser as add_ray_parser
 
     add_ray_parser(backends)
     return parser
@@ -131,16 +131,16 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from bigmodel_dist.distributed import STOP_FILE_ENV
-    from bigmodel_dist.preemption import StopSignals
+    from bigmodel_dist.core.distributed import STOP_FILE_ENV
+    from bigmodel_dist.ft.preemption import StopSignals
 
     # First, before the heavy imports: a stop signal from the first second on is remembered, not fatal.
     signals = StopSignals(stop_file=os.environ.get(STOP_FILE_ENV))
-    from bigmodel_dist.startup import StartupClock
+    from bigmodel_dist.metrics.startup import StartupClock
 
     clock = StartupClock()
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env, first_line, lost_peers, torchrun_env_from_slurm
+    from bigmodel_dist.core.distributed import facts_from_env, first_line, lost_peers, torchrun_env_from_slurm
     from launcher.logs import setup_logging
 
     os.environ.update(torchrun_env_from_slurm(os.environ))  # srun's one-task-per-GPU mode
@@ -160,8 +160,8 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     signals.watch(cfg.checkpoint.stop_signals)
     clock.dump_stacks_after(cfg.logging.startup_stacks_after_s)  # a stuck import shows where it waits
-    from bigmodel_dist.progress import PROGRESS_DIR_ENV
-    from bigmodel_dist.session import run_training
+    from bigmodel_dist.ft.progress import PROGRESS_DIR_ENV
+    from bigmodel_dist.training.session import run_training
 
     clock.mark("imports + config")
     try:
@@ -189,8 +189,8 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
-    from bigmodel_dist.planner import fit_warning, parse_bytes
+    from bigmodel_dist.run.planner import fit_warning, parse_bytes
+    from bigmodel_dist.run.resolve import resolve_run
 
     resolved = resolve_run(load_config(args.config, overrides), args.world_size)
     print(format_summary(resolved))
@@ -200,7 +200,7 @@ def _cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def hardware_from_args(args: argparse.Namespace) -> Hardware:
-    from bigmodel_dist.planner import Hardware, parse_bytes
+    from bigmodel_dist.run.planner import Hardware, parse_bytes
 
     if args.gpus < 1:
         raise UserInputError(f"--gpus must be >= 1, got {args.gpus}")
@@ -216,9 +216,9 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     import json
 
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
-    from bigmodel_dist.planner import GIB, format_table, plan_run, recommend, variant_of
-    from bigmodel_dist.precision import DeviceInfo
+    from bigmodel_dist.run.planner import GIB, format_table, plan_run, recommend, variant_of
+    from bigmodel_dist.run.precision import DeviceInfo
+    from bigmodel_dist.run.resolve import resolve_run
 
     hw = hardware_from_args(args)
     resolved = resolve_run(load_config(args.config, overrides), hw.gpus, DeviceInfo.gpu_target())
@@ -241,7 +241,7 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
+    from bigmodel_dist.run.resolve import resolve_run
     from launcher.logs import setup_logging
 
     setup_logging()
@@ -251,7 +251,7 @@ def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.address and args.on != "ray":
         raise UserInputError("prepare --address is the Ray cluster of --on ray; add --on ray or drop --address")
     if args.on == "ray":  # the shards on the cluster; below, only the folders' checks
-        from launcher.prepare_ray import prepare_on_ray
+        from launcher.ray.prepare import prepare_on_ray
 
         prepare_on_ray(resolved.config, resolved.shape.vocab_size, args.address)
     from bigmodel_dist.data.dataset import PackedDataset
@@ -305,8 +305,8 @@ def _cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
 def _cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
     from pathlib import Path
 
-    from bigmodel_dist.plot import plot_run
-    from bigmodel_dist.run_dir import RunDir
+    from bigmodel_dist.core.run_dir import RunDir
+    from bigmodel_dist.metrics.plot import plot_run
     from launcher.logs import setup_logging
 
     setup_logging()
@@ -318,19 +318,19 @@ def _cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, overrides: list[str]) -> int:
-    from launcher.health import check_nodes
+    from launcher.check import check_nodes
 
     return check_nodes(args, overrides)
 
 
 def _cmd_launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
-    from launcher.slurm import launch_slurm
+    from launcher.slurm.batch import launch_slurm
 
     return launch_slurm(args, overrides)
 
 
 def _cmd_launch_local(args: argparse.Namespace, overrides: list[str]) -> int:
-    from launcher.local import launch_local
+    from launcher.local.launch import launch_local
 
     return launch_local(args, overrides)
 

@@ -22,8 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bigmodel_dist.errors import UserInputError
-from bigmodel_dist.run_dir import RunDir
+from bigmodel_dist.core.errors import UserInputError
+from bigmodel_dist.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0

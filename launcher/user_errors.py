@@ -1,6 +1,6 @@
 """How every entry point reports a user error: one `bigmodel: error: ...` line on stderr, exit 2.
 
-`bigmodel`, `python -m launcher.slurm preflight` and `python -m launcher.ray_job` all run their command
+`bigmodel`, `python -m launcher.slurm.batch preflight` and `python -m launcher.ray_job` all run their command
 through `report_user_errors`, so a refusal reads the same whichever launcher meets it, and no traceback
 hides the one line that says what to fix.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bigmodel_dist.errors import EXIT_USAGE, UserInputError
+from bigmodel_dist.core.errors import EXIT_USAGE, UserInputError
 
 ERROR_PREFIX = "bigmodel: error:"
 

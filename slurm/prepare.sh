@@ -6,7 +6,7 @@
 # shard), and a finalize job that runs after every task succeeded (--dependency=afterok, with
 # --kill-on-invalid-dep) and writes meta.json. The shards and meta.json are byte for byte those of
 # `bigmodel prepare CONFIG` on one machine. Submitting the same command again after a failure writes only
-# the shards still incomplete; after success it submits nothing. Logic: launcher/prepare_slurm.py.
+# the shards still incomplete; after success it submits nothing. Logic: launcher/slurm/prepare.py.
 # Every path in the config must be on storage every node sees. Resources below are defaults for each
 # job; partition, account, QOS, CPUs and memory given on the sbatch line are passed on to the others.
 #SBATCH --job-name=bigmodel-prepare
@@ -24,4 +24,4 @@ elif [[ -f .venv/bin/activate ]]; then
     source .venv/bin/activate
 fi
 # "$0" is the copy of this script Slurm runs: the next jobs are submitted from it, #SBATCH lines included.
-exec python -m launcher.prepare_slurm --script "$0" "$@"
+exec python -m launcher.slurm.prepare --script "$0" "$@"

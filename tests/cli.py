@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bigmodel_dist.errors import EXIT_USAGE
+from bigmodel_dist.core.errors import EXIT_USAGE
 
 from .conftest import REPO
 from .guards import HANG_GUARD_S

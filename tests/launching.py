@@ -84,7 +84,7 @@ def wait_for_step(launch: Launch, metrics: Path, step: int) -> None:
 
 def losses(run_dir: Path) -> dict[int, float]:
     """Per-step losses as a reader sees them (redone steps after a resume dropped)."""
-    from bigmodel_dist.metrics_file import read_metrics
+    from bigmodel_dist.metrics.jsonl import read_metrics
 
     steps, values = read_metrics(run_dir / "metrics.jsonl").series("loss")
     return dict(zip(steps, values))

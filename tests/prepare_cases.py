@@ -7,8 +7,8 @@ import sysconfig
 from pathlib import Path
 
 from bigmodel_dist.config import load_config
-from bigmodel_dist.config.validate import resolve_run
 from bigmodel_dist.data.prepare import prepare_for_run
+from bigmodel_dist.run.resolve import resolve_run
 
 from .cli import TINY_CONFIG
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from bigmodel_dist.data.ledger import LEDGER_ENV, samples_by_step
-from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.metrics.jsonl import read_metrics
 
 from .conftest import TINY
 from .spawn import run_distributed

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from bigmodel_dist.config import Config, load_config
-from bigmodel_dist.config.validate import resolve_run
-from bigmodel_dist.errors import ConfigError, UserInputError
+from bigmodel_dist.core.errors import ConfigError, UserInputError
+from bigmodel_dist.run.resolve import resolve_run
 
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 from .conftest import REPO
@@ -159,7 +159,7 @@ def test_validate_prints_derived_figures_fast(tmp_path, cli_env):
 
 
 def test_slurm_task_variables_become_torchrun_variables():
-    from bigmodel_dist.distributed import facts_from_env, torchrun_env_from_slurm
+    from bigmodel_dist.core.distributed import facts_from_env, torchrun_env_from_slurm
 
     slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2",
              "SLURM_NODEID": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "23456"}

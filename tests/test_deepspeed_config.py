@@ -9,9 +9,9 @@ import pytest
 from bigmodel_dist.config import load_config
 from bigmodel_dist.config.deepspeed import SHIPPED_DEEPSPEED_DIR, resolve_deepspeed_config
 from bigmodel_dist.config.layout import derive_batch_layout
-from bigmodel_dist.config.validate import resolve_run
-from bigmodel_dist.errors import ConfigError, UserInputError
-from bigmodel_dist.precision import DeviceInfo
+from bigmodel_dist.core.errors import ConfigError, UserInputError
+from bigmodel_dist.run.precision import DeviceInfo
+from bigmodel_dist.run.resolve import resolve_run
 
 SHIPPED = sorted(SHIPPED_DEEPSPEED_DIR.glob("*.json"))
 
@@ -140,7 +140,7 @@ def test_precision_auto_follows_the_device_and_an_explicit_choice_wins(requested
 def test_this_machine_gets_the_precision_its_cpu_runs_fast():
     import torch
 
-    from bigmodel_dist.precision import cpu_name_and_flags
+    from bigmodel_dist.run.precision import cpu_name_and_flags
 
     resolved = resolve_run(load_config(None, []), world_size=1)  # the default: auto, on this machine
     capabilities = torch.cpu.get_capabilities()  # torch's own CPUID reading, against our /proc/cpuinfo one
@@ -151,7 +151,7 @@ def test_this_machine_gets_the_precision_its_cpu_runs_fast():
 
 
 def test_cpu_flags_are_read_for_x86_and_arm():
-    from bigmodel_dist.precision import cpu_name_and_flags
+    from bigmodel_dist.run.precision import cpu_name_and_flags
 
     x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\nflags\t: fpu avx2\n"
     assert cpu_name_and_flags(x86) == ("AMD EPYC", {"fpu", "avx2", "fma"})

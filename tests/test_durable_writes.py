@@ -14,7 +14,7 @@ import torch
 from bigmodel_dist.checkpoint import durable_file
 from bigmodel_dist.checkpoint.durable_file import DurableFile, save_durably, write_threads
 from bigmodel_dist.checkpoint.snapshot_engine import stage, tensor_bytes
-from bigmodel_dist.fileio import file_checksum
+from bigmodel_dist.core.fileio import file_checksum
 
 
 @pytest.fixture

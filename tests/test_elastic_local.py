@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from bigmodel_dist.data.ledger import LEDGER_ENV, samples_by_step
-from bigmodel_dist.metrics_file import read_metrics
-from launcher.local import child_pids
+from bigmodel_dist.metrics.jsonl import read_metrics
+from launcher.local.launch import child_pids
 from launcher.ports import free_port
 
 from .cli import TINY_CONFIG, assert_one_line_error, cli_command, run_cli

@@ -73,7 +73,7 @@ def _reference_logits(checkpoint: Path, params: dict, ids: np.ndarray) -> np.nda
     from transformers import AutoModelForCausalLM
 
     from bigmodel_dist.config.schema import ModelConfig
-    from bigmodel_dist.models import build_transformers_config
+    from bigmodel_dist.model.build import build_transformers_config
 
     meta = json.loads((checkpoint / "bigmodel_meta.json").read_text())
     model = AutoModelForCausalLM.from_config(build_transformers_config(ModelConfig(**meta["config"]["model"])))

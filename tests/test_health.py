@@ -8,10 +8,10 @@ import socket
 
 import pytest
 
-from bigmodel_dist.faults import ALLOW_ENV, FAULTS_ENV
-from bigmodel_dist.health import RankHealth, allreduce_bandwidth, host_memory, judge
-from bigmodel_dist.metrics_file import read_metrics
-from bigmodel_dist.suspects import SUSPECT_NODES_ENV
+from bigmodel_dist.ft.faults import ALLOW_ENV, FAULTS_ENV
+from bigmodel_dist.ft.health import RankHealth, allreduce_bandwidth, host_memory, judge
+from bigmodel_dist.ft.suspects import SUSPECT_NODES_ENV
+from bigmodel_dist.metrics.jsonl import read_metrics
 
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli
 

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from bigmodel_dist.errors import EXIT_RUN_FAILED, UserInputError
-from bigmodel_dist.run_dir import RunDir
+from bigmodel_dist.core.errors import EXIT_RUN_FAILED, UserInputError
+from bigmodel_dist.core.run_dir import RunDir
 
 from .cli import assert_one_line_error, run_command
 from .conftest import RESUME_RUN, RESUME_STEPS
@@ -155,7 +155,7 @@ def test_a_requeued_slurm_attempt_waits_for_its_previous_attempt_to_let_go(tmp_p
     run_dir = RunDir(tmp_path / "run")
     released = tmp_path / "release-now"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, pathlib; from bigmodel_dist.run_dir import RunDir; "
+        [sys.executable, "-c", "import sys, time, pathlib; from bigmodel_dist.core.run_dir import RunDir; "
                          "from launcher.lease import Lease; lease = Lease.take(RunDir(pathlib.Path(sys.argv[1])), 'old'); "
                          "print('held', flush=True); "
                          "[time.sleep(0.05) for _ in iter(lambda: pathlib.Path(sys.argv[2]).exists(), True)]; "
@@ -174,7 +174,7 @@ def test_a_requeued_slurm_attempt_waits_for_its_previous_attempt_to_let_go(tmp_p
     assert holder.wait(timeout=HANG_GUARD_S) == 0
     taken[0].release()
     monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job on the same run: refused at once
-    other = subprocess.Popen([sys.executable, "-c", "import sys, pathlib; from bigmodel_dist.run_dir import RunDir; "
+    other = subprocess.Popen([sys.executable, "-c", "import sys, pathlib; from bigmodel_dist.core.run_dir import RunDir; "
                               "from launcher.lease import Lease; Lease.take(RunDir(pathlib.Path(sys.argv[1])), 'x'); "
                               "print('held', flush=True); sys.stdin.read()", str(run_dir.path)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -188,7 +188,7 @@ def test_a_requeued_slurm_attempt_waits_for_its_previous_attempt_to_let_go(tmp_p
 def test_the_exit_code_never_borrows_another_launchs_marker(tmp_path):
     """The marker a launch reads is its own: a COMPLETED another launch of the run just wrote (newer than
     this one's start) does not turn this launch's failed workers into a success."""
-    from launcher.local import Interrupts, _exit_code
+    from launcher.local.launch import Interrupts, _exit_code
 
     run_dir = RunDir(tmp_path / "run")
     run_dir.path.mkdir()

@@ -1,5 +1,10 @@
 """The import rules, read from the source (nothing is imported): no import cycle among the project's
-modules, and the library (`bigmodel_dist`) never imports the launchers (`launcher`).
+modules or among its packages, and every import goes down the layers (or stays in its own):
+
+    core < config < run < components (model, data, checkpoint, metrics, ft) < training
+         < launch support (preflight, flow, logs, ...) < launchers (local, slurm, ray, check) < entry points
+
+so the library (`bigmodel_dist`) never imports the launchers (`launcher`).
 
 An import counts for cycles when it runs: at module level or inside a function. Imports under
 `if TYPE_CHECKING:` never run, so they may point back (e.g. a type of a module that imports this one);
@@ -17,6 +22,21 @@ import pytest
 from .conftest import REPO
 
 PACKAGES = ("bigmodel_dist", "launcher")
+
+# Lowest first. A unit is a package (or a launcher's top-level module); an import may point to its own
+# layer or a lower one, and the units' graph has no cycle.
+LAYERS: list[tuple[str, list[str]]] = [
+    ("core", ["bigmodel_dist.core"]),
+    ("config", ["bigmodel_dist.config"]),
+    ("run", ["bigmodel_dist.run"]),
+    ("components", ["bigmodel_dist.model", "bigmodel_dist.data", "bigmodel_dist.checkpoint", "bigmodel_dist.metrics",
+                    "bigmodel_dist.ft"]),
+    ("training", ["bigmodel_dist.training"]),
+    ("launch support", ["launcher.preflight", "launcher.flow", "launcher.logs", "launcher.user_errors",
+                        "launcher.ports", "launcher.lease", "launcher.warmup"]),
+    ("launchers", ["launcher.local", "launcher.slurm", "launcher.ray", "launcher.check"]),
+    ("entry points", ["launcher.cli", "launcher.ray_job", "launcher", "bigmodel_dist"]),
+]
 
 
 @dataclass(frozen=True)
@@ -126,6 +146,42 @@ def test_no_import_cycle_among_project_modules(graph):
     assert cycle is None, "import cycle:\n  " + "\n  ".join(edge.where() for edge in cycle)
 
 
+def unit_of(module: str) -> tuple[int, str]:
+    """(layer index, unit) of a project module: the longest unit name it is or lies under."""
+    found = [(index, unit) for index, (_, units) in enumerate(LAYERS) for unit in units
+             if module == unit or module.startswith(unit + ".")]
+    if not found:
+        raise AssertionError(f"{module} is in no layer of tests/test_layering.py: add its package to LAYERS")
+    return max(found, key=lambda item: len(item[1]))
+
+
+def unit_edges(edges: list[Import]) -> list[Import]:
+    """The runtime imports between units, as edges from unit to unit (the first import that makes each)."""
+    found: dict[tuple[str, str], Import] = {}
+    for edge in edges:
+        source, target = unit_of(edge.source)[1], unit_of(edge.target)[1]
+        if not edge.type_only and source != target:
+            found.setdefault((source, target), Import(source, target, edge.file, edge.line, False))
+    return list(found.values())
+
+
+def test_every_module_has_a_layer(graph):
+    for module in project_modules():
+        unit_of(module)
+
+
+def test_imports_go_down_the_layers(graph):
+    """Function-level imports included: a lazy import is still a dependency."""
+    upward = [f"{edge.where()} ({LAYERS[unit_of(edge.source)[0]][0]} -> {LAYERS[unit_of(edge.target)[0]][0]})"
+              for edge in graph if not edge.type_only and unit_of(edge.target)[0] > unit_of(edge.source)[0]]
+    assert not upward, "imports up the layers:\n  " + "\n  ".join(upward)
+
+
+def test_no_import_cycle_among_packages(graph):
+    cycle = find_cycle(unit_edges(graph))
+    assert cycle is None, "package import cycle:\n  " + "\n  ".join(edge.where() for edge in cycle)
+
+
 def test_library_never_imports_the_launchers(graph):
     offending = [edge.where() for edge in graph
                  if edge.source.startswith("bigmodel_dist") and edge.target.startswith("launcher")]
@@ -151,3 +207,12 @@ def test_the_checker_sees_cycles_and_type_only_imports(tmp_path):
     edges = [edge for module, path in modules.items() for edge in imports_of(module, path, modules)]
     assert find_cycle(edges) is None
     assert [edge.type_only for edge in edges if edge.source == "pkg.c"] == [True]
+
+
+def test_the_package_checker_sees_a_cycle_through_lazy_imports():
+    """Two packages whose modules import each other only inside functions still form a package cycle."""
+    edges = [Import("bigmodel_dist.data.a", "bigmodel_dist.ft.b", "a.py", 3, False),
+             Import("bigmodel_dist.ft.c", "bigmodel_dist.data.d", "c.py", 9, False)]
+    cycle = find_cycle(unit_edges(edges))
+    assert cycle is not None and {edge.source for edge in cycle} == {"bigmodel_dist.data", "bigmodel_dist.ft"}
+    assert find_cycle(unit_edges(edges[:1])) is None

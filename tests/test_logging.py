@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.metrics.jsonl import read_metrics
 
 from .cli import TINY_CONFIG, run_cli
 from .conftest import TINY

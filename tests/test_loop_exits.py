@@ -7,8 +7,8 @@ import json
 import time
 
 from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta, step_dir_name
-from bigmodel_dist.distributed import STOP_FILE_ENV
-from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.core.distributed import STOP_FILE_ENV
+from bigmodel_dist.metrics.jsonl import read_metrics
 
 from .cli import TINY_CONFIG, cli_command
 from .conftest import TINY

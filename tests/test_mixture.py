@@ -10,10 +10,10 @@ from collections import Counter
 import pytest
 
 from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta, step_dir_name
+from bigmodel_dist.core.quotas import apportion
 from bigmodel_dist.data.mixture import MixtureReader, MixtureSchedule, Segment, budgets_in_sequences
-from bigmodel_dist.data.quotas import apportion
 from bigmodel_dist.data.sampler import ShuffledOrder
-from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.metrics.jsonl import read_metrics
 
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli
 from .conftest import TINY
@@ -193,7 +193,7 @@ def test_bad_weights_are_one_line_errors(tmp_path, cli_env, override, field):
 @pytest.mark.parametrize("multiple, expected", [(64, 1024), (128, 1024), (1, 1000)])
 def test_the_model_vocabulary_is_padded_to_the_configured_multiple(tmp_path, multiple, expected):
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
+    from bigmodel_dist.run.resolve import resolve_run
 
     cfg = load_config(TINY_CONFIG, [f"--output_dir={tmp_path}", "--model.vocab_size=1000",
                                     f"--model.vocab_multiple={multiple}"])

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from bigmodel_dist.config.presets import MODEL_PRESETS, count_parameters, flops_per_token, model_shape
 from bigmodel_dist.config.schema import ModelConfig
-from bigmodel_dist.model_presets import MODEL_PRESETS, count_parameters, flops_per_token, model_shape
-from bigmodel_dist.models import build_model, build_transformers_config, weight_decay_groups
+from bigmodel_dist.model.build import build_model, build_transformers_config, weight_decay_groups
 
 
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))

@@ -7,10 +7,9 @@ import json
 import pytest
 
 from bigmodel_dist.config import load_config
-from bigmodel_dist.config.validate import resolve_run
-from bigmodel_dist.errors import UserInputError
-from bigmodel_dist.model_presets import count_parameters, model_shape
-from bigmodel_dist.planner import (
+from bigmodel_dist.config.presets import count_parameters, model_shape
+from bigmodel_dist.core.errors import UserInputError
+from bigmodel_dist.run.planner import (
     GIB,
     Hardware,
     Variant,
@@ -19,6 +18,7 @@ from bigmodel_dist.planner import (
     parse_bytes,
     plan_run,
 )
+from bigmodel_dist.run.resolve import resolve_run
 
 from .cli import assert_one_line_error, run_cli
 from .conftest import REPO
@@ -60,7 +60,7 @@ def test_agrees_with_deepspeeds_estimators(gpus):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from bigmodel_dist.planner import largest_layer_params
+    from bigmodel_dist.run.planner import largest_layer_params
 
     shape = model_shape("gpt2-1.3b")
     n = count_parameters(shape)
@@ -142,10 +142,10 @@ def test_measured_model_states_match_the_plan_24m(precision):
 def test_plan_never_crashes_on_valid_configs():
     """Every preset, shipped DeepSpeed JSONs of each kind, 1 to 1024 GPUs: a plan for each."""
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
-    from bigmodel_dist.model_presets import MODEL_PRESETS
-    from bigmodel_dist.planner import Hardware, format_table, plan_run, recommend
-    from bigmodel_dist.precision import DeviceInfo
+    from bigmodel_dist.config.presets import MODEL_PRESETS
+    from bigmodel_dist.run.planner import Hardware, format_table, plan_run, recommend
+    from bigmodel_dist.run.precision import DeviceInfo
+    from bigmodel_dist.run.resolve import resolve_run
 
     for preset in MODEL_PRESETS:
         for ds in ("zero0", "zero3", "zero3-offload"):
@@ -165,9 +165,9 @@ def test_plan_never_crashes_on_valid_configs():
 def test_fit_warning_names_a_variant_that_fits_or_says_none_does():
     """What validate and the launchers print before a start: nothing when the run's variant fits."""
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
-    from bigmodel_dist.planner import fit_warning
-    from bigmodel_dist.precision import DeviceInfo
+    from bigmodel_dist.run.planner import fit_warning
+    from bigmodel_dist.run.precision import DeviceInfo
+    from bigmodel_dist.run.resolve import resolve_run
 
     seven_b = load_config(REPO / "configs" / "gpt2-tiny.yaml", [
         "--model.preset=gpt2-7b", "--deepspeed.config=zero0", "--data.seq_len=2048",

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from bigmodel_dist.config import load_config
-from bigmodel_dist.config.validate import resolve_run
+from bigmodel_dist.core.errors import UserInputError
 from bigmodel_dist.data.prepare import plans_for_run
 from bigmodel_dist.data.prepare_plan import (
     Plan,
@@ -25,8 +25,8 @@ from bigmodel_dist.data.prepare_plan import (
     save_plans,
     write_units,
 )
-from bigmodel_dist.errors import UserInputError
-from launcher.prepare_slurm import inherited_options, num_tasks
+from bigmodel_dist.run.resolve import resolve_run
+from launcher.slurm.prepare import inherited_options, num_tasks
 
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli
 from .conftest import REPO
@@ -54,7 +54,7 @@ def test_array_tasks_in_other_processes_write_the_single_machine_bytes(case, tmp
     assert Plan.from_json(plans[0].to_json()) == plans[0]
     plans_file = tmp_path / "plans.json"
     save_plans(plans_file, plans, all_units(plans), num_tasks=3)
-    tasks = [subprocess.Popen([sys.executable, "-m", "launcher.prepare_slurm", "--script", "unused", "--write-shards",
+    tasks = [subprocess.Popen([sys.executable, "-m", "launcher.slurm.prepare", "--script", "unused", "--write-shards",
                                str(plans_file)], cwd=tmp_path, env={**os.environ, "SLURM_ARRAY_TASK_ID": str(task)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for task in (2, 1, 0)]  # from another directory, last chunk first, at once

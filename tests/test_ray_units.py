@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 
 from bigmodel_dist.config import load_config
-from bigmodel_dist.errors import ConfigError, UserInputError
-from bigmodel_dist.preemption import StopSignals
-from bigmodel_dist.run_dir import RunDir
-from launcher.ray_job import check_cluster_fits, check_output_dir
-from launcher.ray_stop import (
+from bigmodel_dist.core.errors import ConfigError, UserInputError
+from bigmodel_dist.core.run_dir import RunDir
+from bigmodel_dist.ft.preemption import StopSignals
+from launcher.ray.job import check_cluster_fits, check_output_dir
+from launcher.ray.stop import (
     JOB_CONFIG_ENV,
     STOP_WAIT_ENV,
     DrainWatcher,
@@ -27,8 +27,8 @@ from launcher.ray_stop import (
     new_stop_file,
     stop_reason,
 )
-from launcher.ray_submit import check_upload_size, finished_job_exit_code, submit_command, upload_size
-from launcher.ray_worker import BACKFILL_KEY, resume_choice
+from launcher.ray.submit import check_upload_size, finished_job_exit_code, submit_command, upload_size
+from launcher.ray.worker import BACKFILL_KEY, resume_choice
 
 from .conftest import REPO
 from .guards import HANG_GUARD_S
@@ -99,7 +99,7 @@ def test_relative_outputs_refused_only_inside_rays_copy_of_the_working_dir(tmp_p
 
 
 def test_controller_logs_backfilled_steps_once(tmp_path, monkeypatch):
-    from launcher import ray_wandb
+    from launcher.ray import wandb_logging as ray_wandb
 
     logged: list[tuple[int, dict]] = []
 
@@ -195,7 +195,7 @@ def test_stop_wait_comes_from_ray_and_launch_ray_sets_it_and_reports_a_stop_as_r
 
 
 def test_elastic_sizes_keep_the_global_batch_and_fit_node_by_node():
-    from launcher.ray_elastic import best_size, placeable_workers, sizes_keeping_batch
+    from launcher.ray.elastic import best_size, placeable_workers, sizes_keeping_batch
 
     cfg = load_config(None, ["--train.global_batch_size=8", "--train.micro_batch_size=1", "--ray.num_workers=1..6"])
     assert sizes_keeping_batch(cfg) == [1, 2, 4]  # 3, 5 and 6 would change the global batch
@@ -209,7 +209,7 @@ def test_elastic_sizes_keep_the_global_batch_and_fit_node_by_node():
 
 
 def test_the_grow_watcher_asks_for_a_stop_only_once_its_group_is_placed_and_a_larger_size_fits(tmp_path):
-    from launcher.ray_elastic import GrowWatcher
+    from launcher.ray.elastic import GrowWatcher
 
     stop_file = tmp_path / "stop"
     free = {"n1": {"CPU": 1.0}}  # room for one more worker: 2 + 1 = 3 does not keep the batch, 2 + 2 = 4 does
@@ -230,7 +230,7 @@ def test_the_grow_watcher_asks_for_a_stop_only_once_its_group_is_placed_and_a_la
 
 
 def test_an_elastic_driver_that_cannot_place_its_minimum_gives_up_after_its_wait():
-    from launcher.ray_elastic import wait_for_size
+    from launcher.ray.elastic import wait_for_size
 
     assert wait_for_size([2, 4], {"CPU": 1.0}, wait_s=0.05, stopped=lambda: False,
                          read_free=lambda: {"n1": {"CPU": 1.0}}, poll_s=0.01) is None

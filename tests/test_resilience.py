@@ -13,8 +13,8 @@ import pytest
 
 from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta, step_dir_name
 from bigmodel_dist.config.schema import ResilienceConfig
-from bigmodel_dist.faults import ALLOW_ENV, FAULTS_ENV
-from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.ft.faults import ALLOW_ENV, FAULTS_ENV
+from bigmodel_dist.metrics.jsonl import read_metrics
 
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 from .conftest import TINY

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bigmodel_dist.checkpoint.integrity import DS_TAG
-from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.metrics.jsonl import read_metrics
 
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 from .conftest import REPO, TINY

@@ -140,7 +140,7 @@ def test_a_refused_config_stops_the_script_before_srun(tmp_path):
 
 
 def test_exclusions_add_up_and_spare_the_job_a_whole_suspect_allocation():
-    from launcher.slurm import choose_exclusion
+    from launcher.slurm.batch import choose_exclusion
 
     partition = {"n1": "allocated", "n2": "allocated", "n3": "idle", "n4": "idle~", "n5": "drained"}
     # an earlier attempt excluded n3; now n1 is suspect: both stay out, n2 and n4 (powered down) remain

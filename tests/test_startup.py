@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 
-from bigmodel_dist.preemption import DEFAULT_STOP_SIGNALS, StopSignals
+from bigmodel_dist.ft.preemption import DEFAULT_STOP_SIGNALS, StopSignals
 from launcher.warmup import ops_to_build
 
 
@@ -73,7 +73,7 @@ def test_warmup_builds_only_the_ops_a_run_loads():
 
 
 def test_the_rank_that_held_start_up_up_is_named():
-    from bigmodel_dist.startup import slowest_rank_note
+    from bigmodel_dist.metrics.startup import slowest_rank_note
 
     rank0 = {"imports + config": 3.0, "process group": 55.0, "model + engine": 6.0}
     rank1 = {"imports + config": 57.0, "process group": 1.0, "model + engine": 6.1}

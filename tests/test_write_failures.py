@@ -8,7 +8,7 @@ import re
 import pytest
 
 from bigmodel_dist.checkpoint.integrity import check_files, read_checkpoint_meta, step_dirs
-from bigmodel_dist.errors import EXIT_RUN_FAILED
+from bigmodel_dist.core.errors import EXIT_RUN_FAILED
 
 from .cli import ERROR_PREFIX, run_command
 from .conftest import TINY

@@ -45,7 +45,7 @@ def runs(tmp_path_factory, data_cache):
 @pytest.fixture(scope="module")
 def initial_params():
     from bigmodel_dist.config.schema import ModelConfig
-    from bigmodel_dist.models import build_model
+    from bigmodel_dist.model.build import build_model
 
     model = build_model(ModelConfig(preset="gpt2-tiny"), seed=1234)
     return {k: v.detach().numpy() for k, v in model.named_parameters()}

@@ -7,10 +7,10 @@ def train_and_collect(overrides: list[str]) -> dict:
     """Train with the real Trainer; return the losses of the steps this process ran (from metrics.jsonl:
     run with `--train.log_every=1` for one per step) and (rank 0) the full fp32 parameters."""
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.metrics_file import read_metrics
-    from bigmodel_dist.runtime import full_parameters
-    from bigmodel_dist.session import open_trainer
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.metrics.jsonl import read_metrics
+    from bigmodel_dist.model.engine import full_parameters
+    from bigmodel_dist.training.session import open_trainer
 
     facts = facts_from_env()
     with open_trainer(load_config(None, overrides), facts) as trainer:
@@ -27,8 +27,8 @@ def train_and_collect(overrides: list[str]) -> dict:
 def train_watching_self(overrides: list[str]) -> None:
     """Train as a Ray worker does: each rank its own hang watchdog (no launcher of ours above it)."""
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.session import run_training
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.training.session import run_training
 
     run_training(load_config(None, overrides), facts_from_env(), watch_self=True)
 
@@ -37,9 +37,9 @@ def skip_one_step(overrides: list[str]) -> dict:
     """Train one step, then a second step whose loss is non-finite (BIGMODEL_FAULTS poisons its samples):
     the parameters and optimizer state after it, and after the first, on rank 0."""
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.runtime import full_parameters
-    from bigmodel_dist.session import open_trainer
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.model.engine import full_parameters
+    from bigmodel_dist.training.session import open_trainer
 
     def snapshot(trainer) -> dict:
         params = {name: t.numpy().copy() for name, t in full_parameters(trainer.runtime.engine).items()}
@@ -69,7 +69,7 @@ def train_and_crash(overrides: list[str], crash_point: str, crash_rank: int, cra
     import signal
 
     import bigmodel_dist.checkpoint.manager as manager
-    from bigmodel_dist.distributed import facts_from_env
+    from bigmodel_dist.core.distributed import facts_from_env
 
     partial = f".partial-step_{crash_step:08d}"
 
@@ -106,10 +106,10 @@ def build_under_zero3(overrides: list[str]) -> dict:
     """Create the Accelerator (ZeRO-3 plugin) and build the model as the Trainer does; report how
     much of each parameter this rank holds right after construction, before deepspeed.initialize."""
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.config.validate import resolve_run
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.models import build_model
-    from bigmodel_dist.runtime import create_accelerator
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.model.build import build_model
+    from bigmodel_dist.model.engine import create_accelerator
+    from bigmodel_dist.run.resolve import resolve_run
 
     facts = facts_from_env()
     cfg = load_config(None, overrides)
@@ -159,8 +159,8 @@ def full_training_state(engine) -> dict:
 def train_then_collect_state(overrides: list[str]) -> dict | None:
     """Train (a checkpoint at the end), then return rank 0's full training state as the checkpoint holds it."""
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.session import open_trainer
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.training.session import open_trainer
 
     facts = facts_from_env()
     with open_trainer(load_config(None, overrides), facts) as trainer:
@@ -178,9 +178,9 @@ def load_each_then_train(overrides: list[str], others: list[str]) -> dict | None
     from bigmodel_dist.checkpoint.choice import ResumePoint
     from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.metrics_file import read_metrics
-    from bigmodel_dist.session import open_trainer
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.metrics.jsonl import read_metrics
+    from bigmodel_dist.training.session import open_trainer
 
     facts = facts_from_env()
     cfg = load_config(None, overrides)

@@ -28,7 +28,7 @@ from typing import Any
 
 from bigmodel_dist.checkpoint.durable_file import save_durably
 from bigmodel_dist.checkpoint.integrity import describe_files, name_in
-from bigmodel_dist.fileio import write_error, write_json_atomically
+from bigmodel_dist.core.fileio import write_error, write_json_atomically
 
 log = logging.getLogger(__name__)
 REPORT_PREFIX = ".rank"

@@ -19,9 +19,9 @@ from typing import Any
 import torch.distributed as dist
 
 from bigmodel_dist.checkpoint.integrity import check_files, read_checkpoint_meta
-from bigmodel_dist.distributed import DistributedFacts, broadcast_from_rank0
-from bigmodel_dist.errors import UserInputError
-from bigmodel_dist.train_state import saved_train_state
+from bigmodel_dist.checkpoint.train_state import saved_train_state
+from bigmodel_dist.core.distributed import DistributedFacts, broadcast_from_rank0
+from bigmodel_dist.core.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel_dist.checkpoint.integrity import DS_TAG, META_NAME, check_files, read_checkpoint_meta
-from bigmodel_dist.errors import UserInputError
-from bigmodel_dist.fileio import fsync_path
+from bigmodel_dist.core.errors import UserInputError
+from bigmodel_dist.core.fileio import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _load_model(checkpoint: Path, meta: dict[str, Any], eos_token_id: int | None
     from transformers import AutoModelForCausalLM
 
     from bigmodel_dist.config.schema import ModelConfig
-    from bigmodel_dist.models import build_transformers_config
+    from bigmodel_dist.model.build import build_transformers_config
 
     model_cfg = ModelConfig(**meta["config"]["model"])
     config = build_transformers_config(model_cfg, eos_token_id)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bigmodel_dist.fileio import file_checksum, fsync_path
+from bigmodel_dist.core.fileio import file_checksum, fsync_path
 
 CHECKPOINT_FORMAT_VERSION = 2  # 2: the training state is one block, `train_state` (1: flat keys)
 META_NAME = "bigmodel_meta.json"

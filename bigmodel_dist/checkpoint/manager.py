@@ -33,11 +33,11 @@ from bigmodel_dist.checkpoint.integrity import (
     step_dirs,
 )
 from bigmodel_dist.config.schema import CheckpointConfig
-from bigmodel_dist.config.validate import ResolvedRun
-from bigmodel_dist.distributed import DistributedFacts, broadcast_from_rank0
-from bigmodel_dist.errors import RunFailedError, UserInputError
-from bigmodel_dist.fileio import fsync_path, write_error, write_json_atomically, write_text_atomically
-from bigmodel_dist.run_dir import RunDir
+from bigmodel_dist.core.distributed import DistributedFacts, broadcast_from_rank0
+from bigmodel_dist.core.errors import RunFailedError, UserInputError
+from bigmodel_dist.core.fileio import fsync_path, write_error, write_json_atomically, write_text_atomically
+from bigmodel_dist.core.run_dir import RunDir
+from bigmodel_dist.run.resolve import ResolvedRun
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class CheckpointManager:
         """Make the DeepSpeed `engine` write through this manager: durable files checksummed as written
         (synchronous saves) or staging buffers written in the background (`checkpoint.async_save`).
         Call it after any load: loading stays DeepSpeed's."""
-        from bigmodel_dist.runtime import replace_checkpoint_engine
+        from bigmodel_dist.model.engine import replace_checkpoint_engine
 
         if self.cfg.async_save:
             from bigmodel_dist.checkpoint.snapshot_engine import SnapshotCheckpointEngine

@@ -29,7 +29,7 @@ from bigmodel_dist.checkpoint.universal_format import (
     stage0_to_universal,
     universal_to_stage0,
 )
-from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.core.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.core.errors import UserInputError
 
 PARAM = "param"  # the key DeepSpeed's universal files keep a tensor under
 STATES = ("fp32", "exp_avg", "exp_avg_sq")  # per parameter; Adam's moments beside the master weights

@@ -17,7 +17,7 @@ from typing import Any
 from bigmodel_dist.config.layout import BatchLayout
 from bigmodel_dist.config.paths import is_shipped_deepspeed_name
 from bigmodel_dist.config.schema import Config
-from bigmodel_dist.errors import ConfigError, UserInputError
+from bigmodel_dist.core.errors import ConfigError, UserInputError
 
 # configs/deepspeed/ of the repository, reached through a link inside the package so that a wheel
 # (pip install ., the Docker image) ships the named configs as package data.

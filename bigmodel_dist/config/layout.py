@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bigmodel_dist.config.schema import TrainConfig
-from bigmodel_dist.errors import ConfigError
+from bigmodel_dist.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

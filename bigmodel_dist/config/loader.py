@@ -18,8 +18,8 @@ import yaml
 
 from bigmodel_dist.config.paths import absolute_path, with_absolute_paths
 from bigmodel_dist.config.schema import Config
-from bigmodel_dist.errors import ConfigError, UserInputError
-from bigmodel_dist.fileio import write_text_atomically
+from bigmodel_dist.core.errors import ConfigError, UserInputError
+from bigmodel_dist.core.fileio import write_text_atomically
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), base_dir: Path | None = None) -> Config:

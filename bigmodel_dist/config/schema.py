@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bigmodel_dist.errors import ConfigError
+from bigmodel_dist.core.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -23,7 +23,7 @@ def _require_positive(section: str, **values: float) -> None:
 @dataclass
 class ModelConfig:
     preset: str = "gpt2-tiny"
-    """Architecture preset (see `bigmodel_dist/model_presets.py`): gpt2-tiny, gpt2-124m, ..., llama-7b."""
+    """Architecture preset (see `bigmodel_dist/config/presets.py`): gpt2-tiny, gpt2-124m, ..., llama-7b."""
     vocab_size: int | None = None
     """Overrides the preset's vocabulary size; must hold every id the tokenizer produces. Rounded up to a
     multiple of `vocab_multiple` (the presets' sizes already are)."""
@@ -36,7 +36,7 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
 
     def check(self) -> None:
-        from bigmodel_dist.model_presets import MODEL_PRESETS
+        from bigmodel_dist.config.presets import MODEL_PRESETS
 
         if self.preset not in MODEL_PRESETS:
             raise ConfigError("model.preset", f"unknown preset {self.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
@@ -175,7 +175,7 @@ class DataConfig:
 
     def mixture_quotas(self) -> dict[str, int]:
         """Sequences per window by source (largest remainder; ties to the earlier source)."""
-        from bigmodel_dist.data.quotas import apportion
+        from bigmodel_dist.core.quotas import apportion
 
         weights = self.source_weights()
         return dict(zip(weights, apportion(self.mixture_window, list(weights.values())))) if any(weights.values()) \

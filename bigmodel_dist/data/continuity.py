@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from bigmodel_dist.data.sources import file_stats, input_files, sources_here
-from bigmodel_dist.errors import UserInputError
+from bigmodel_dist.config.inputs import file_stats, input_files, sources_here
+from bigmodel_dist.core.errors import UserInputError
 
 if TYPE_CHECKING:
     from bigmodel_dist.checkpoint.choice import ResumePoint

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bigmodel_dist.core.errors import UserInputError
+from bigmodel_dist.core.fileio import file_checksum
 from bigmodel_dist.data.prepare import read_prepared_meta
-from bigmodel_dist.errors import UserInputError
-from bigmodel_dist.fileio import file_checksum
 
 
 class PackedDataset:

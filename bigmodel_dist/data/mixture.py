@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from bigmodel_dist.data.quotas import apportion
+from bigmodel_dist.core.errors import UserInputError
+from bigmodel_dist.core.quotas import apportion
 from bigmodel_dist.data.sampler import ShuffledOrder
-from bigmodel_dist.errors import UserInputError
 
 
 @dataclass(frozen=True)

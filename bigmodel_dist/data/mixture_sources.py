@@ -8,7 +8,6 @@ BPE trained on a sample drawn from every source by weight (`TOKENIZER_SAMPLE_BYT
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -16,7 +15,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from bigmodel_dist.config.schema import Config, DataConfig, SourceConfig
+from bigmodel_dist.config.inputs import check_input_files, input_files, source_data_config
+from bigmodel_dist.config.schema import Config, DataConfig
 from bigmodel_dist.data.prepare import (
     DOCS_PER_BATCH,
     Plan,
@@ -26,7 +26,7 @@ from bigmodel_dist.data.prepare import (
     prepare_data,
     prepare_for_run,
 )
-from bigmodel_dist.data.sources import check_input_files, input_files, load_text_dataset, source_fingerprint
+from bigmodel_dist.data.sources import load_text_dataset, source_fingerprint
 from bigmodel_dist.data.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,6 @@ def run_plans(config: Config, vocab_size: int) -> list[Plan]:
     tokenizer = data.tokenizer or str(mixture_tokenizer(data, vocab_size, cache))
     plans = [plan_data(source_data_config(data, source, tokenizer), vocab_size, cache) for source in data.sources]
     return [plan for plan in plans if plan is not None]
-
-
-def source_data_config(data: DataConfig, source: SourceConfig, tokenizer: str | None) -> DataConfig:
-    """The single-pool data config that prepares one source (the run's packing settings, its files)."""
-    return dataclasses.replace(data, paths=list(source.paths), dataset=source.dataset, text_column=source.text_column,
-                               tokenizer=tokenizer, prepared_dir=None, sources=[], weights={})
 
 
 def mixture_tokenizer(data: DataConfig, vocab_size: int, cache_dir: Path) -> Path:

@@ -29,23 +29,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from bigmodel_dist.config.inputs import check_input_files, input_files, sources_here
 from bigmodel_dist.config.schema import Config, DataConfig
+from bigmodel_dist.core.errors import UserInputError
+from bigmodel_dist.core.run_dir import CACHE_DIR_NAME
 from bigmodel_dist.data.prepare_plan import DOCS_PER_BATCH, Plan, ShardWriter, finalize, stable_hash
-from bigmodel_dist.data.sources import (
-    check_input_files,
-    input_files,
-    load_text_dataset,
-    source_fingerprint,
-    sources_here,
-)
+from bigmodel_dist.data.sources import load_text_dataset, source_fingerprint
 from bigmodel_dist.data.tokenizer import (
     load_tokenizer,
     save_tokenizer_atomically,
     tokenizer_fingerprint,
     train_bpe_tokenizer,
 )
-from bigmodel_dist.errors import UserInputError
-from bigmodel_dist.run_dir import CACHE_DIR_NAME
 
 log = logging.getLogger(__name__)
 

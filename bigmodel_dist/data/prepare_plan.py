@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from bigmodel_dist.config.schema import DataConfig
+from bigmodel_dist.core.errors import UserInputError
+from bigmodel_dist.core.fileio import file_checksum, write_bytes_atomically, write_json_atomically
 from bigmodel_dist.data.sources import load_text_dataset
-from bigmodel_dist.errors import UserInputError
-from bigmodel_dist.fileio import file_checksum, write_bytes_atomically, write_json_atomically
 
 log = logging.getLogger(__name__)
 

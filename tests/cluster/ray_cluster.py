@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.local import child_pids
+from launcher.local.launch import child_pids
 
 from ..guards import HANG_GUARD_S
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bigmodel_dist.data.ledger import LEDGER_ENV, samples_by_step
-from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.metrics.jsonl import read_metrics
 
 from ..cli import assert_one_line_error, cli_command, run_cli
 from ..conftest import REPO, TINY
@@ -42,8 +42,8 @@ def _overrides(out: Path, data_cache: Path, name: str) -> list[str]:
 def _train_reference(overrides: list[str]) -> None:
     """A plain local rank (tests/spawn.py), from the same config file as the Ray job."""
     from bigmodel_dist.config import load_config
-    from bigmodel_dist.distributed import facts_from_env
-    from bigmodel_dist.session import run_training
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.training.session import run_training
 
     run_training(load_config(REPO / "configs" / "gpt2-tiny.yaml", overrides), facts_from_env())
 

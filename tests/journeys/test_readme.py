@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.metrics.jsonl import read_metrics
 
 from ..conftest import REPO
 from ..guards import HANG_GUARD_S

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel_dist.metrics_file import read_metrics
+from bigmodel_dist.metrics.jsonl import read_metrics
 
 from ..guards import HANG_GUARD_S
 from ..test_slurm import _job_field, _wait

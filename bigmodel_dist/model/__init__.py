@@ -1,0 +1,1 @@
+"""The model (built from transformers configs) and its engine (Accelerate + DeepSpeed)."""
