@@ -47,21 +47,21 @@ def _worker(args: argparse.Namespace) -> None:
     ])
     with open_trainer(cfg, facts) as trainer:
         cfg = trainer.cfg  # the resolved copy the trainer reads
-        watched = trainer.progress  # records into BIGMODEL_PROGRESS_DIR, as under `launch local`
+        watched = trainer.hooks.progress  # records into BIGMODEL_PROGRESS_DIR, as under `launch local`
         unwatched = ProgressRecorder(None, facts.rank)
         times: dict[str, list[float]] = {"on": [], "off": []}
         metrics_file = trainer.resolved.run_dir.metrics
         for block in range(args.blocks * 2):
             guarded = block % 2 == 0
             cfg.resilience.enabled = guarded
-            trainer.progress = watched if guarded else unwatched
+            trainer.hooks.progress = watched if guarded else unwatched
             cfg.train.max_steps = (block + 1) * args.block_steps  # the trainer continues where it stopped
             trainer.train()
             records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
             block_times = [r["step_time_s"] for r in records if "step_time_s" in r][-args.block_steps:]
             if block >= 2:  # the first pair warms up
                 times["on" if guarded else "off"] += block_times
-        trainer.progress = watched
+        trainer.hooks.progress = watched
     if facts.is_main:
         Path(args.out).write_text(json.dumps(times))
 

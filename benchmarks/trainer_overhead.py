@@ -53,7 +53,7 @@ def _compare(trainer, facts, args: argparse.Namespace) -> None:
 
     cfg, resolved = trainer.cfg, trainer.resolved
 
-    model = build_model(cfg.model, cfg.seed, eos_token_id=trainer.tokenizer.eos_token_id)
+    model = build_model(cfg.model, cfg.seed, eos_token_id=trainer.parts.tokenizer.eos_token_id)
     bare, *_ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, cfg.optim.weight_decay),
                                     config=resolved.deepspeed_config)
     layout = resolved.layout
@@ -78,7 +78,7 @@ def _compare(trainer, facts, args: argparse.Namespace) -> None:
         records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
         times = [r["step_time_s"] for r in records if "step_time_s" in r][-args.block_steps:]
         first = block * args.block_steps
-        loader = BatchLoader(trainer.dataset.train, layout, facts.rank, cfg.seed, start_step=first,
+        loader = BatchLoader(trainer.parts.dataset.train, layout, facts.rank, cfg.seed, start_step=first,
                              prefetch=cfg.data.prefetch)
         bare_block = [bare_step(loader, first + i) for i in range(args.block_steps)]
         loader.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bigmodel_dist.config import load_config
 from bigmodel_dist.core.distributed import DistributedFacts, facts_from_env
+from bigmodel_dist.core.env import HEALTH_RESULT_FILE
 from bigmodel_dist.core.errors import UserInputError
 from bigmodel_dist.ft.faults import faults_from_env
 from bigmodel_dist.ft.suspects import record_suspect_nodes
@@ -33,7 +34,6 @@ from launcher.logs import setup_logging
 from launcher.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
-RESULT_FILE_ENV = "BIGMODEL_HEALTH_RESULT_FILE"  # where a node's local rank 0 writes the verdict
 PROCESS_GROUP_TIMEOUT_S = 300  # a rank that never joins a collective ends the check instead of hanging it
 
 
@@ -63,7 +63,7 @@ def check_nodes(args: argparse.Namespace, overrides: list[str]) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bigmodel-check-") as tmp:
         result_file = Path(tmp) / "result.json"
-        code = subprocess.run(command, env={**os.environ, RESULT_FILE_ENV: str(result_file)}).returncode
+        code = subprocess.run(command, env={**os.environ, HEALTH_RESULT_FILE: str(result_file)}).returncode
         result = json.loads(result_file.read_text()) if result_file.is_file() else None
     if result is None:
         host = socket.gethostname()
@@ -110,8 +110,8 @@ def _worker(facts: DistributedFacts, config: str, overrides: list[str]) -> int:
         if suspects:
             log.warning("suspect node(s) %s recorded in %s", ", ".join(report.bad_hosts), suspects)
         record_bad_nodes(report, run_dir_of(cfg), result["report"])
-    if facts.local_rank == 0 and os.environ.get(RESULT_FILE_ENV):
-        Path(os.environ[RESULT_FILE_ENV]).write_text(json.dumps(result))
+    if facts.local_rank == 0 and os.environ.get(HEALTH_RESULT_FILE):
+        Path(os.environ[HEALTH_RESULT_FILE]).write_text(json.dumps(result))
     return 0
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from bigmodel_dist.core.env import PROGRESS_DIR
 from bigmodel_dist.core.errors import EXIT_RUN_FAILED, RunFailedError, UserInputError
 from launcher.preflight import prepare_for, resume_override
 from launcher.user_errors import print_error, report_user_errors
@@ -131,11 +132,11 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from bigmodel_dist.core.distributed import STOP_FILE_ENV
+    from bigmodel_dist.core.env import STOP_FILE
     from bigmodel_dist.ft.preemption import StopSignals
 
     # First, before the heavy imports: a stop signal from the first second on is remembered, not fatal.
-    signals = StopSignals(stop_file=os.environ.get(STOP_FILE_ENV))
+    signals = StopSignals(stop_file=os.environ.get(STOP_FILE))
     from bigmodel_dist.metrics.startup import StartupClock
 
     clock = StartupClock()
@@ -160,13 +161,12 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     signals.watch(cfg.checkpoint.stop_signals)
     clock.dump_stacks_after(cfg.logging.startup_stacks_after_s)  # a stuck import shows where it waits
-    from bigmodel_dist.ft.progress import PROGRESS_DIR_ENV
     from bigmodel_dist.training.session import run_training
 
     clock.mark("imports + config")
     try:
         # No launcher of ours above (srun one task per GPU, accelerate launch): each rank watches itself.
-        supervised = bool(os.environ.get(PROGRESS_DIR_ENV))
+        supervised = bool(os.environ.get(PROGRESS_DIR))
         state = run_training(cfg, facts, signals=signals, clock=clock, watch_self=not supervised)
     except RunFailedError as exc:  # e.g. a full disk: one line naming the rank, path and cause
         if facts.is_main or not exc.on_every_rank:

@@ -24,7 +24,7 @@ from .guards import HANG_GUARD_S
 # Imported once by the fork server and inherited by every rank it forks: a fresh interpreter spends
 # ~8 s of a 2-core machine importing these, per rank and per run (they start no threads on import).
 PRELOAD = ["torch", "deepspeed", "accelerate", "transformers.models.gpt2.modeling_gpt2",
-           "transformers.models.llama.modeling_llama", "bigmodel_dist.training.trainer", "tests.workers"]
+           "transformers.models.llama.modeling_llama", "bigmodel_dist.training.setup", "tests.workers"]
 
 
 @functools.cache

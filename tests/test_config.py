@@ -215,3 +215,22 @@ def test_a_non_finite_setting_stops_launch_local_before_anything_starts(tmp_path
                      env=cli_env)
     assert_one_line_error(result, "config field resilience.hang_timeout_s: must be a finite number, got 'nan'")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text, bounds", [("4", (4, 4)), (3, (3, 3)), ("2..4", (2, 4)), ("2:4", (2, 4)),
+                                          (" 1 .. 2 ", (1, 2))])
+def test_size_ranges_read_both_spellings(text, bounds):
+    """`--nnodes 2:4` (torchrun's spelling) and `ray.num_workers: 2..4` (Ray's) go through one parser."""
+    from bigmodel_dist.config.ranges import parse_size_range
+
+    assert parse_size_range(text, "--nnodes") == bounds
+
+
+@pytest.mark.parametrize("text, needle", [("2-4", "give a number or MIN..MAX"), ("0..2", "needs 1 <= MIN <= MAX"),
+                                          ("4:2", "needs 1 <= MIN <= MAX"), ("", "give a number")])
+def test_bad_size_ranges_name_where_they_were_given(text, needle):
+    from bigmodel_dist.config.ranges import parse_size_range
+
+    with pytest.raises(UserInputError, match=needle) as raised:
+        parse_size_range(text, "ray.num_workers")
+    assert str(raised.value).startswith("ray.num_workers")

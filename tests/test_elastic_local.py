@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel_dist.data.ledger import LEDGER_ENV, samples_by_step
+from bigmodel_dist.core.env import SAMPLE_LEDGER
+from bigmodel_dist.data.ledger import samples_by_step
 from bigmodel_dist.metrics.jsonl import read_metrics
 from launcher.local.launch import child_pids
 from launcher.ports import free_port
@@ -79,7 +80,7 @@ def test_a_node_that_dies_leaves_and_the_other_finishes_at_the_smaller_size(tmp_
                            "--train.precision=fp32", f"--train.max_steps={STEPS}", f"--checkpoint.every={EVERY}",
                            "--train.eval_every=0", "--model.dropout=0.0", "--deepspeed.config=zero2"])
     run_dir = tmp_path / "elastic"
-    env = {**cli_env, LEDGER_ENV: str(tmp_path / "ledger")}  # every rank's samples, per step
+    env = {**cli_env, SAMPLE_LEDGER: str(tmp_path / "ledger")}  # every rank's samples, per step
     nodes = [Launch(command, env), Launch(command, env)]
     try:
         # a checkpoint written by the two nodes together (if one came late, torchrun restarted to take it in)

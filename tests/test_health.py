@@ -8,9 +8,8 @@ import socket
 
 import pytest
 
-from bigmodel_dist.ft.faults import ALLOW_ENV, FAULTS_ENV
+from bigmodel_dist.core.env import ALLOW_FAULTS, FAULTS, SUSPECT_NODES_FILE
 from bigmodel_dist.ft.health import RankHealth, allreduce_bandwidth, host_memory, judge
-from bigmodel_dist.ft.suspects import SUSPECT_NODES_ENV
 from bigmodel_dist.metrics.jsonl import read_metrics
 
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli
@@ -66,8 +65,8 @@ def test_one_node_compares_its_ranks():
 # ---- real processes ---------------------------------------------------------------------------------
 @pytest.fixture
 def check_env(cli_env, tmp_path) -> dict[str, str]:
-    env = {k: v for k, v in cli_env.items() if k not in (FAULTS_ENV, ALLOW_ENV)}
-    return {**env, SUSPECT_NODES_ENV: str(tmp_path / "suspects.txt")}
+    env = {k: v for k, v in cli_env.items() if k not in (FAULTS, ALLOW_FAULTS)}
+    return {**env, SUSPECT_NODES_FILE: str(tmp_path / "suspects.txt")}
 
 
 def _check(tmp_path, env, *overrides: str):
@@ -99,7 +98,7 @@ def test_healthy_ranks_pass(tmp_path, check_env):
 
 @pytest.mark.distributed
 def test_a_slow_rank_is_named_and_its_host_recorded(tmp_path, check_env):
-    env = {**check_env, FAULTS_ENV: "slow_node:rank=1,factor=4", ALLOW_ENV: "1"}
+    env = {**check_env, FAULTS: "slow_node:rank=1,factor=4", ALLOW_FAULTS: "1"}
     result = _check(tmp_path, env)
     assert result.returncode == 87, result.stderr[-3000:]  # resilience.bad_node_exit_code
     host = socket.gethostname()
@@ -119,7 +118,7 @@ def test_a_slow_rank_is_named_and_its_host_recorded(tmp_path, check_env):
     ("fast_node:rank=1", "1", "unknown fault 'fast_node'"),
 ])
 def test_refused_faults(tmp_path, check_env, faults, allow, needle):
-    env = {**check_env, FAULTS_ENV: faults, **({ALLOW_ENV: allow} if allow else {})}
+    env = {**check_env, FAULTS: faults, **({ALLOW_FAULTS: allow} if allow else {})}
     assert_one_line_error(_check(tmp_path, env), needle)
 
 

@@ -17,7 +17,7 @@ import pytest
 from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.metrics.jsonl import read_metrics
-from bigmodel_dist.training.trainer import lr_at
+from bigmodel_dist.training.lr_schedule import lr_at
 
 from .cli import TINY_CONFIG, cli_command
 from .conftest import TINY

@@ -7,7 +7,7 @@ import json
 import time
 
 from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta, step_dir_name
-from bigmodel_dist.core.distributed import STOP_FILE_ENV
+from bigmodel_dist.core.env import STOP_FILE
 from bigmodel_dist.metrics.jsonl import read_metrics
 
 from .cli import TINY_CONFIG, cli_command
@@ -24,7 +24,7 @@ def test_a_stop_between_log_points_logs_and_times_the_steps_since_the_last_one(t
     launch = Launch(cli_command(["train", TINY_CONFIG, *TINY, f"--output_dir={tmp_path}", "--name=run",
                                  f"--data.cache_dir={data_cache}", "--train.log_every=1000", "--train.max_steps=200",
                                  "--checkpoint.every=2", "--train.eval_every=0"]),
-                    env={**cli_env, STOP_FILE_ENV: str(stop_file)})
+                    env={**cli_env, STOP_FILE: str(stop_file)})
     guard = time.monotonic() + HANG_GUARD_S
     while not first_save.is_dir():
         assert launch.proc.poll() is None, f"the run ended before its step-2 checkpoint:\n{launch.output[-4000:]}"

@@ -195,16 +195,16 @@ def test_stop_wait_comes_from_ray_and_launch_ray_sets_it_and_reports_a_stop_as_r
 
 
 def test_elastic_sizes_keep_the_global_batch_and_fit_node_by_node():
-    from launcher.ray.elastic import best_size, placeable_workers, sizes_keeping_batch
+    from launcher.ray.elastic import best_size, placeable_workers, worker_counts
 
     cfg = load_config(None, ["--train.global_batch_size=8", "--train.micro_batch_size=1", "--ray.num_workers=1..6"])
-    assert sizes_keeping_batch(cfg) == [1, 2, 4]  # 3, 5 and 6 would change the global batch
+    assert worker_counts(cfg) == [1, 2, 4]  # 3, 5 and 6 would change the global batch
     per_worker = {"CPU": 1.0, "slot": 1.0}
     free = {"a": {"CPU": 3.0, "slot": 1.0}, "b": {"CPU": 0.5, "slot": 2.0}, "c": {"CPU": 2.0, "slot": 2.0}}
     assert placeable_workers(free, per_worker) == 3  # a: 1 (slot), b: 0 (CPU), c: 2; never across nodes
     assert best_size([1, 2, 4], 3) == 2 and best_size([2, 4], 1) is None
-    with pytest.raises(ConfigError, match="ray.num_workers"):
-        sizes_keeping_batch(load_config(None, ["--train.global_batch_size=8", "--train.micro_batch_size=1",
+    with pytest.raises(UserInputError, match="ray.num_workers"):
+        worker_counts(load_config(None, ["--train.global_batch_size=8", "--train.micro_batch_size=1",
                                                "--ray.num_workers=5..7"]))  # no size divides 8
 
 

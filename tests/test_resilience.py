@@ -13,7 +13,7 @@ import pytest
 
 from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta, step_dir_name
 from bigmodel_dist.config.schema import ResilienceConfig
-from bigmodel_dist.ft.faults import ALLOW_ENV, FAULTS_ENV
+from bigmodel_dist.core.env import ALLOW_FAULTS, FAULTS
 from bigmodel_dist.metrics.jsonl import read_metrics
 
 from .cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
@@ -28,7 +28,7 @@ DETECTION_SLACK_S = 5  # the watchdog polls twice a second; this only guards aga
 
 
 def _faulty(env: dict[str, str], faults: str) -> dict[str, str]:
-    return {**env, FAULTS_ENV: faults, ALLOW_ENV: "1"}
+    return {**env, FAULTS: faults, ALLOW_FAULTS: "1"}
 
 
 def _launch(tmp_path, data_cache, env, *overrides: str):
@@ -68,8 +68,8 @@ def test_a_hung_rank_is_diagnosed_ended_and_the_restart_finishes(tmp_path, data_
 def test_a_rank_watching_itself_ends_with_the_hang_code_and_its_stacks(tmp_path, data_cache, monkeypatch):
     """The Ray worker's watchdog (no launcher of ours above it): every rank of the hung group dumps its
     own stacks and exits 86, which Ray answers by restarting the group from the last checkpoint."""
-    monkeypatch.setenv(FAULTS_ENV, "hang:rank=1,step=3")
-    monkeypatch.setenv(ALLOW_ENV, "1")
+    monkeypatch.setenv(FAULTS, "hang:rank=1,step=3")
+    monkeypatch.setenv(ALLOW_FAULTS, "1")
     codes = exit_codes(train_watching_self, 2, [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
                                                 "--train.max_steps=6", "--train.eval_every=0", "--name=run",
                                                 f"--resilience.hang_timeout_s={HANG_TIMEOUT_S}"])
@@ -96,10 +96,10 @@ POISONED_RUN = ["--train.max_steps=10", "--checkpoint.every=4", "--resilience.ma
 def _train(out, data_cache, monkeypatch, faults: str | None, *overrides: str, world_size: int = 2) -> None:
     """A run on forked ranks (tests/spawn.py), with `faults` injected or none."""
     if faults:
-        monkeypatch.setenv(FAULTS_ENV, faults)
-        monkeypatch.setenv(ALLOW_ENV, "1")
+        monkeypatch.setenv(FAULTS, faults)
+        monkeypatch.setenv(ALLOW_FAULTS, "1")
     else:
-        monkeypatch.delenv(FAULTS_ENV, raising=False)
+        monkeypatch.delenv(FAULTS, raising=False)
     run_distributed(train_and_collect, world_size, [*TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache}",
                                                     "--train.eval_every=0", *overrides])
 
@@ -155,13 +155,13 @@ def test_a_slow_rank_is_reported_as_a_straggler_by_rank_and_host(tmp_path, data_
 
 
 @pytest.mark.parametrize("env, needle", [
-    ({FAULTS_ENV: "hang:rank=1,step=3"}, ALLOW_ENV),  # never active by accident
-    ({FAULTS_ENV: "explode:rank=1", ALLOW_ENV: "1"}, "unknown fault 'explode'"),
-    ({FAULTS_ENV: "hang:rank=1", ALLOW_ENV: "1"}, "hang takes"),
+    ({FAULTS: "hang:rank=1,step=3"}, ALLOW_FAULTS),  # never active by accident
+    ({FAULTS: "explode:rank=1", ALLOW_FAULTS: "1"}, "unknown fault 'explode'"),
+    ({FAULTS: "hang:rank=1", ALLOW_FAULTS: "1"}, "hang takes"),
 ])
 def test_fault_injection_is_refused_unless_well_formed_and_allowed(tmp_path, cli_env, env, needle):
     result = run_cli(["launch", "local", TINY_CONFIG, f"--output_dir={tmp_path}"], env={**cli_env, **env})
-    assert_one_line_error(result, FAULTS_ENV, needle)
+    assert_one_line_error(result, FAULTS, needle)
 
 
 @pytest.mark.parametrize("override, field", [
@@ -193,8 +193,8 @@ def _comparable(state: dict) -> dict:
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"),
                                               (2, "bf16")])
 def test_a_skipped_step_changes_no_parameter_at_any_zero_stage(tmp_path, data_cache, monkeypatch, stage, precision):
-    monkeypatch.setenv(FAULTS_ENV, f"nan:samples={GLOBAL_BATCH}-{2 * GLOBAL_BATCH}")  # step 2's samples
-    monkeypatch.setenv(ALLOW_ENV, "1")
+    monkeypatch.setenv(FAULTS, f"nan:samples={GLOBAL_BATCH}-{2 * GLOBAL_BATCH}")  # step 2's samples
+    monkeypatch.setenv(ALLOW_FAULTS, "1")
     rank0, _ = run_distributed(skip_one_step, 2, [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
                                                   "--train.eval_every=0", "--checkpoint.every=0", "--name=skip",
                                                   f"--deepspeed.zero_stage={stage}", f"--train.precision={precision}"])
@@ -211,8 +211,8 @@ def test_a_rollback_after_a_world_size_change_loads_the_native_checkpoint(tmp_pa
     run = [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--train.eval_every=0", "--name=run",
            "--train.max_steps=9", "--resilience.max_bad_steps=2"]
     run_distributed(train_and_collect, 1, [*run, "--checkpoint.every=4", f"--train.max_tokens={4 * GLOBAL_BATCH * 128}"])
-    monkeypatch.setenv(FAULTS_ENV, f"nan:samples={6 * GLOBAL_BATCH}-{8 * GLOBAL_BATCH}")  # steps 7 and 8
-    monkeypatch.setenv(ALLOW_ENV, "1")
+    monkeypatch.setenv(FAULTS, f"nan:samples={6 * GLOBAL_BATCH}-{8 * GLOBAL_BATCH}")  # steps 7 and 8
+    monkeypatch.setenv(ALLOW_FAULTS, "1")
     rank0, _ = run_distributed(train_and_collect, 2, [*run, "--checkpoint.every=2"])
     assert len(rank0["losses"]) == 5 and all(math.isfinite(v) for v in rank0["losses"])  # steps 5-9, once each
     (rollback,) = [i for i in read_metrics(tmp_path / "run" / "metrics.jsonl").incidents if i["event"] == "rollback"]

@@ -34,7 +34,7 @@ def _checkpoints(run_dir) -> list[str]:
 # Where each stop lands, found by what the run prints (never by a sleep), and what must follow.
 START_UP_POINTS = [
     # (what is going on, the line that tells us, signal)
-    ("launcher checks: data, before torchrun", r"launcher\.local: config checked", signal.SIGTERM),
+    ("launcher checks: data, before torchrun", r"launcher\.local\.launch: config checked", signal.SIGTERM),
     # The workers learn of it from the launcher's stop file, wherever in their start-up they are; one
     # point of theirs stands for all (the same agreement before the first step decides).
     ("worker start-up: data, model, DeepSpeed engine", r"process group ready", signal.SIGUSR1),

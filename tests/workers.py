@@ -180,6 +180,7 @@ def load_each_then_train(overrides: list[str], others: list[str]) -> dict | None
     from bigmodel_dist.config import load_config
     from bigmodel_dist.core.distributed import facts_from_env
     from bigmodel_dist.metrics.jsonl import read_metrics
+    from bigmodel_dist.training.rollback import load_into
     from bigmodel_dist.training.session import open_trainer
 
     facts = facts_from_env()
@@ -190,7 +191,7 @@ def load_each_then_train(overrides: list[str], others: list[str]) -> dict | None
             meta, error = read_checkpoint_meta(Path(path))
             assert meta is not None, error
             resume = ResumePoint(Path(path), meta)
-            trainer._load(resume, trainer._loadable_copy(resume, trainer.runtime.accelerator))
+            load_into(trainer.parts, resume)  # as a rollback loads
             states[path] = full_training_state(trainer.runtime.engine)
         first_step = trainer.state.step
         trainer.train()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bigmodel_dist.config.schema import TrainConfig
-from bigmodel_dist.core.errors import ConfigError
+from bigmodel_dist.core.errors import ConfigError, UserInputError
 
 
 @dataclass(frozen=True)
@@ -41,13 +40,22 @@ def derive_batch_layout(train: TrainConfig, data_parallel_size: int) -> BatchLay
     return BatchLayout(train.global_batch_size, train.micro_batch_size, grad_accum, data_parallel_size)
 
 
-def sizes_keeping_batch(train: TrainConfig, data_parallel_sizes: Iterable[int]) -> list[int]:
-    """The sizes among these that keep the global batch (elastic runs resize only to those)."""
+def sizes_keeping_batch(train: TrainConfig, counts: tuple[int, int], ranks_per_count: int, name: str) -> list[int]:
+    """The world sizes `count x ranks_per_count`, for each count in the range `counts` (nodes, workers), that keep
+    the global batch: an elastic run resizes only to those. A fixed count is returned as it is (`resolve_run`'s
+    error names the batch fields); a range with none is refused, naming `name` (where the range was given)."""
+    low, high = counts
+    if low == high:
+        return [low * ranks_per_count]
     kept = []
-    for size in data_parallel_sizes:
+    for size in (count * ranks_per_count for count in range(low, high + 1)):
         try:
             derive_batch_layout(train, size)
         except ConfigError:
             continue
         kept.append(size)
+    if not kept:
+        raise UserInputError(f"{name} {low}..{high}: no size keeps train.global_batch_size={train.global_batch_size} "
+                             f"(it must divide by micro_batch_size {train.micro_batch_size} x {ranks_per_count} "
+                             "process(es) x the count); change the range or the global batch")
     return kept

@@ -370,17 +370,10 @@ class RayConfig:
 
     def worker_range(self) -> tuple[int, int]:
         """(min, max) workers: both `num_workers` when it is a number."""
-        text = str(self.num_workers).strip()
-        low, sep, high = text.partition("..")
-        try:
-            bounds = (int(low), int(high)) if sep else (int(text), int(text))
-        except ValueError:
-            raise ConfigError("ray.num_workers", f"must be a number or MIN..MAX (e.g. 2..4), got {text!r}") from None
-        if bounds[0] < 1:
-            raise ConfigError("ray.num_workers", f"the minimum must be >= 1, got {bounds[0]}")
-        if bounds[0] > bounds[1]:
-            raise ConfigError("ray.num_workers", f"{text}: the minimum is larger than the maximum")
-        return bounds
+        from bigmodel_dist.config.ranges import parse_size_range
+
+        return parse_size_range(self.num_workers, "ray.num_workers", lambda message: ConfigError("ray.num_workers",
+                                                                                               message))
 
     @property
     def elastic(self) -> bool:

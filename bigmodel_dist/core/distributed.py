@@ -11,12 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from bigmodel_dist.core.env import LAUNCH_ID, STOP_FILE
+
 T = TypeVar("T")
-STOP_FILE_ENV = "BIGMODEL_STOP_FILE"  # set by `bigmodel launch local` for its workers
-# One launch of a run, the same on every node (the Slurm script: job id and restart; `launch local`: its
-# own unless one is set; the Ray driver: its stop file). Written into the run's markers, so a launcher
-# never takes another launch's COMPLETED for its own.
-LAUNCH_ID_ENV = "BIGMODEL_LAUNCH_ID"
 
 
 @dataclass(frozen=True)
@@ -30,7 +27,10 @@ class DistributedFacts:
     master_port: int
     job_end_time: float | None = None  # Unix time the allocation ends (Slurm), for the time-limit guard
     stop_file: str | None = None  # a file whose appearance asks for a stop (`bigmodel launch local` sets it)
-    launch_id: str | None = None  # which launch these processes belong to (LAUNCH_ID_ENV)
+    # One launch of a run, the same on every node (the Slurm script: job id and restart; `launch local`: its own
+    # unless one is set; the Ray driver: its stop file). Written into the run's markers, so a launcher never takes
+    # another launch's COMPLETED for its own.
+    launch_id: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -77,8 +77,8 @@ def facts_from_env(env: Mapping[str, str] | None = None) -> DistributedFacts:
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=int(env.get("MASTER_PORT", "29500")),
         job_end_time=float(env["SLURM_JOB_END_TIME"]) if env.get("SLURM_JOB_END_TIME") else None,
-        stop_file=env.get(STOP_FILE_ENV) or None,
-        launch_id=env.get(LAUNCH_ID_ENV) or None,
+        stop_file=env.get(STOP_FILE) or None,
+        launch_id=env.get(LAUNCH_ID) or None,
     )
 
 

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-LEDGER_ENV = "BIGMODEL_SAMPLE_LEDGER"
+from bigmodel_dist.core.env import SAMPLE_LEDGER
 
 
 class SampleLedger:
@@ -33,7 +33,7 @@ class SampleLedger:
 
     @staticmethod
     def from_env(rank: int, world_size: int) -> SampleLedger:
-        return SampleLedger(os.environ.get(LEDGER_ENV), rank, world_size)
+        return SampleLedger(os.environ.get(SAMPLE_LEDGER), rank, world_size)
 
     def record(self, step: int, micro_step: int, samples: Sequence[int]) -> None:
         if self._file is not None:

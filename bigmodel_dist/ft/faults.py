@@ -24,10 +24,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from bigmodel_dist.core.env import ALLOW_FAULTS, FAULTS
 from bigmodel_dist.core.errors import UserInputError
 
-FAULTS_ENV = "BIGMODEL_FAULTS"
-ALLOW_ENV = "BIGMODEL_ALLOW_FAULTS"
 _FIELDS = {  # name -> (required fields, optional fields)
     "hang": ({"rank", "step"}, set()),
     "slow": ({"rank", "seconds"}, {"from_step"}),
@@ -97,26 +96,26 @@ def faults_from_env(env: Mapping[str, str] | None = None) -> Faults:
     """The faults `BIGMODEL_FAULTS` asks for; a one-line UserInputError for anything malformed or unknown,
     or when `BIGMODEL_ALLOW_FAULTS=1` is missing."""
     env = os.environ if env is None else env
-    spec = env.get(FAULTS_ENV, "").strip()
+    spec = env.get(FAULTS, "").strip()
     if not spec:
         return Faults()
-    if env.get(ALLOW_ENV) != "1":
-        raise UserInputError(f"{FAULTS_ENV} is set ({spec!r}) but fault injection is test-only; set "
-                             f"{ALLOW_ENV}=1 to allow it, or unset {FAULTS_ENV}")
+    if env.get(ALLOW_FAULTS) != "1":
+        raise UserInputError(f"{FAULTS} is set ({spec!r}) but fault injection is test-only; set "
+                             f"{ALLOW_FAULTS}=1 to allow it, or unset {FAULTS}")
     faults = []
     for item in filter(None, (part.strip() for part in spec.split(";"))):
         name, _, rest = item.partition(":")
         if name not in _FIELDS:
-            raise UserInputError(f"{FAULTS_ENV}: unknown fault {name!r} in {item!r}; known: {sorted(_FIELDS)}")
+            raise UserInputError(f"{FAULTS}: unknown fault {name!r} in {item!r}; known: {sorted(_FIELDS)}")
         fields = {}
         for pair in filter(None, rest.split(",")):
             key, eq, value = pair.partition("=")
             if not eq:
-                raise UserInputError(f"{FAULTS_ENV}: {item!r}: {pair!r} is not key=value")
+                raise UserInputError(f"{FAULTS}: {item!r}: {pair!r} is not key=value")
             fields[key.strip()] = value.strip()
         required, optional = _FIELDS[name]
         if required - set(fields) or set(fields) - required - optional:
-            raise UserInputError(f"{FAULTS_ENV}: {item!r}: {name} takes {sorted(required)} and optionally "
+            raise UserInputError(f"{FAULTS}: {item!r}: {name} takes {sorted(required)} and optionally "
                                  f"{sorted(optional)}, got {sorted(fields)}")
         fault = Fault(name, fields)
         try:
@@ -124,6 +123,6 @@ def faults_from_env(env: Mapping[str, str] | None = None) -> Faults:
             if "samples" in fields and not fault.samples():
                 raise ValueError("empty range")
         except ValueError as exc:
-            raise UserInputError(f"{FAULTS_ENV}: {item!r}: {exc}") from None
+            raise UserInputError(f"{FAULTS}: {item!r}: {exc}") from None
         faults.append(fault)
     return Faults(tuple(faults))

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-PROGRESS_DIR_ENV = "BIGMODEL_PROGRESS_DIR"
+from bigmodel_dist.core.env import PROGRESS_DIR
+
 DUMP_SIGNAL = signal.SIGUSR2
 # In loop order: a rank at an earlier (step, phase) than another is behind it.
 PHASES = ("startup", "data", "forward", "backward", "optimizer", "collective", "eval", "save", "shutdown", "done")
@@ -64,7 +65,7 @@ class ProgressRecorder:
 
     @classmethod
     def from_env(cls, rank: int, env: dict[str, str] | None = None) -> ProgressRecorder:
-        folder = (os.environ if env is None else env).get(PROGRESS_DIR_ENV)
+        folder = (os.environ if env is None else env).get(PROGRESS_DIR)
         return cls(Path(folder) if folder else None, rank)
 
     def mark(self, phase: str, step: int) -> None:

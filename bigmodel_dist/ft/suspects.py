@@ -12,13 +12,13 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-SUSPECT_NODES_ENV = "BIGMODEL_SUSPECT_NODES_FILE"
+from bigmodel_dist.core.env import SUSPECT_NODES_FILE
 
 
 def record_suspect_nodes(hosts: Iterable[str], env: Mapping[str, str] | None = None) -> Path | None:
     """Append `hosts` (one per line) to the suspects file when one is configured; returns its path."""
     env = os.environ if env is None else env
-    target = env.get(SUSPECT_NODES_ENV)
+    target = env.get(SUSPECT_NODES_FILE)
     hosts = sorted(set(hosts))
     if not target or not hosts:
         return None

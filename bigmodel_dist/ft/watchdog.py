@@ -153,6 +153,16 @@ def _request_flight_records(progress_dir: Path) -> None:
             os.close(fd)
 
 
+def record_hang(run_dir: RunDir, hang: Hang, diagnosis: Path) -> None:
+    """The `hang` incident in metrics.jsonl (every watchdog writes it here): the step, this host, how long the
+    ranks were silent, the suspects and the diagnosis folder."""
+    from bigmodel_dist.metrics.jsonl import append_incident
+
+    step = max((p.step for p in hang.ranks), default=0)
+    append_incident(run_dir.metrics, "hang", step, host=socket.gethostname(), silent_s=hang.silent_s,
+                    suspects=hang.suspects, diagnosis=str(diagnosis))
+
+
 class SelfWatchdog:
     """A rank that is its own supervisor (a Ray Train worker: Ray, not a launcher of ours, owns the
     processes). A daemon thread reads this rank's progress record; on a hang it writes this process's
@@ -186,11 +196,7 @@ class SelfWatchdog:
                   "suspects": [], "ranks": [asdict(p) for p in hang.ranks]}
         (folder / "ranks.json").write_text(json.dumps(report, indent=1) + "\n")
         if self._is_main:
-            from bigmodel_dist.metrics.jsonl import append_incident
-
-            step = max((p.step for p in hang.ranks), default=0)
-            append_incident(self._run_dir.metrics, "hang", step, host=host, silent_s=hang.silent_s,
-                            suspects=[], diagnosis=str(folder))
+            record_hang(self._run_dir, hang, folder)
         # Not through `logging`: the hung thread may hold its lock.
         os.write(2, (f"hang: rank {self._rank}: {hang.summary()}; stacks in {folder}; ending this worker "
                      f"(exit {self._cfg.hang_exit_code}) for a restart\n").encode())

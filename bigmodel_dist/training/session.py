@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from bigmodel_dist.checkpoint.train_state import TrainState
     from bigmodel_dist.ft.preemption import StopSignals
     from bigmodel_dist.metrics.startup import StartupClock
-    from bigmodel_dist.training.trainer import StepReporter, Trainer
+    from bigmodel_dist.training.loop import Trainer
+    from bigmodel_dist.training.reporting import StepReporter
 
 
 @contextmanager
@@ -35,7 +36,7 @@ def open_trainer(config: Config, facts: DistributedFacts, reporter: StepReporter
     with `watch_self` (a Ray worker: no launcher of ours watches it), to a watchdog thread of its own."""
     from bigmodel_dist.ft.faults import faults_from_env
     from bigmodel_dist.ft.progress import ProgressRecorder
-    from bigmodel_dist.training.trainer import Trainer
+    from bigmodel_dist.training.setup import build_trainer
 
     faults = faults_from_env()  # test-only; refused unless explicitly allowed
     resolved = resolve_run(config, facts.world_size)
@@ -48,8 +49,8 @@ def open_trainer(config: Config, facts: DistributedFacts, reporter: StepReporter
             progress = ProgressRecorder(folder, facts.rank)
             watchdog = SelfWatchdog(folder, config.resilience, facts.rank, resolved.run_dir, facts.is_main).start()
             watching.callback(watchdog.stop)
-        trainer = Trainer(resolved, facts, reporter=reporter, stop_signals=signals, clock=clock, faults=faults,
-                          progress=progress)
+        trainer = build_trainer(resolved, facts, reporter=reporter, stop_signals=signals, clock=clock, faults=faults,
+                                progress=progress)
         try:
             yield trainer
         finally:

@@ -37,6 +37,13 @@ class LogWindow:
         self.compute = ComputeTimer(device)
         self.restart(step)
 
+    def count(self, loss: float, bad: bool) -> None:
+        """One step more: its loss, or (a bad step, skipped) one skip."""
+        if bad:
+            self.skipped += 1
+        else:
+            self.losses.append(loss)
+
     def restart(self, step: int) -> None:
         """Start timing here: eval and checkpoint stalls between windows do not count as step time."""
         self.losses.clear()

@@ -20,18 +20,17 @@ from pathlib import Path
 
 from bigmodel_dist.config import load_config
 from bigmodel_dist.config.layout import sizes_keeping_batch
-from bigmodel_dist.config.schema import Config
-from bigmodel_dist.core.distributed import LAUNCH_ID_ENV, STOP_FILE_ENV
-from bigmodel_dist.core.errors import EXIT_RUN_FAILED, UserInputError
-from bigmodel_dist.core.run_dir import RunDir, marker_of_launch
+from bigmodel_dist.config.ranges import parse_size_range
+from bigmodel_dist.core.env import LAUNCH_ID, PROGRESS_DIR, STOP_FILE
+from bigmodel_dist.core.errors import UserInputError
+from bigmodel_dist.core.run_dir import RunDir
 from bigmodel_dist.ft.faults import faults_from_env
 from bigmodel_dist.ft.preemption import StopSignals
-from bigmodel_dist.ft.progress import PROGRESS_DIR_ENV
 from bigmodel_dist.ft.suspects import record_suspect_nodes
-from bigmodel_dist.ft.watchdog import HangWatchdog, flight_recorder_env, write_diagnosis
-from bigmodel_dist.metrics.jsonl import append_incident
+from bigmodel_dist.ft.watchdog import HangWatchdog, flight_recorder_env, record_hang, write_diagnosis
 from bigmodel_dist.run.precision import DeviceInfo, detect_device
 from bigmodel_dist.run.resolve import ResolvedRun, resolve_run
+from launcher.flow import LaunchEnd, Markers, exit_code
 from launcher.lease import Lease
 from launcher.logs import log_to_file, setup_logging
 from launcher.preflight import check_previous_run, prepare_for, resume_override
@@ -51,29 +50,8 @@ def default_nproc_per_node(device: DeviceInfo) -> int:
 
 
 def node_range(nnodes: str | int) -> tuple[int, int]:
-    """`--nnodes` as (min, max): "4" -> (4, 4), "2:4" -> (2, 4)."""
-    text = str(nnodes).strip()
-    low, sep, high = text.partition(":")
-    try:
-        bounds = (int(low), int(high)) if sep else (int(text), int(text))
-    except ValueError:
-        raise UserInputError(f"--nnodes {text!r}: give a number or MIN:MAX, e.g. 2:4") from None
-    if bounds[0] < 1 or bounds[0] > bounds[1]:
-        raise UserInputError(f"--nnodes {text}: needs 1 <= MIN <= MAX")
-    return bounds
-
-
-def world_sizes_keeping_batch(cfg: Config, nproc: int, nodes: tuple[int, int]) -> list[int]:
-    """World sizes of the node range that keep train.global_batch_size; refuses a range with none (a fixed
-    count is left to `resolve_run`, whose error names the batch fields)."""
-    if nodes[0] == nodes[1]:
-        return [nodes[0] * nproc]
-    sizes = sizes_keeping_batch(cfg.train, [count * nproc for count in range(nodes[0], nodes[1] + 1)])
-    if not sizes:
-        raise UserInputError(f"--nnodes {nodes[0]}:{nodes[1]}: no node count keeps train.global_batch_size="
-                             f"{cfg.train.global_batch_size} with {nproc} process(es) per node and micro batch "
-                             f"{cfg.train.micro_batch_size}; change the range or the global batch")
-    return sizes
+    """`--nnodes` as (min, max): "4" -> (4, 4), "2:4" or "2..4" -> (2, 4)."""
+    return parse_size_range(nnodes, "--nnodes")
 
 
 def torchrun_command(args: argparse.Namespace, nproc_per_node: int, overrides: list[str],
@@ -164,7 +142,7 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
         raise UserInputError("--nproc-per-node must be >= 1 and 0 <= --node-rank < --nnodes")
     overrides = [*overrides, *resume_override(args)]
     config = load_config(args.config, overrides)
-    sizes = world_sizes_keeping_batch(config, nproc, nodes)
+    sizes = sizes_keeping_batch(config.train, nodes, nproc, "--nnodes")
     if nodes[0] < nodes[1]:
         log.info("elastic: %d..%d node(s) of %d process(es); world sizes that keep the global batch %d: %s "
                  "(others stop with an error naming train.global_batch_size)", *nodes, nproc,
@@ -172,7 +150,7 @@ def _launch(args: argparse.Namespace, overrides: list[str], signals: StopSignals
     resolved = resolve_run(config, max(sizes), device)
     faults_from_env()  # a malformed or unallowed fault injection is refused here, in one line
     # One launch id on every node when a script above set one (the Slurm script); else this launch's own.
-    shared_id = os.environ.get(LAUNCH_ID_ENV)
+    shared_id = os.environ.get(LAUNCH_ID)
     launch_id = shared_id or f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
     # The lease: one live launch per run, taken before anything in the run dir is touched. Its holder is
     # the launcher of node 0 (an elastic node's rank is known only at the rendezvous: no lease there).
@@ -221,55 +199,18 @@ def _train(args: argparse.Namespace, overrides: list[str], resolved: ResolvedRun
     launch_log = log_to_file(resolved.run_dir.logs / f"launch-{socket.gethostname()}-{os.getpid()}.log")
     progress_dir = stop_file.parent / "progress"
     progress_dir.mkdir()
-    env = {**os.environ, STOP_FILE_ENV: str(stop_file), PROGRESS_DIR_ENV: str(progress_dir), LAUNCH_ID_ENV: launch_id}
+    env = {**os.environ, STOP_FILE: str(stop_file), PROGRESS_DIR: str(progress_dir), LAUNCH_ID: launch_id}
     if device.has_cuda:
         env.update(flight_recorder_env(progress_dir))
     interrupts.child = child = _start_in_own_group(command, env)
     watchdog = HangWatchdog(progress_dir, resolved.config.resilience) if resolved.config.resilience.enabled else None
     torchrun_code = _supervise(child, watchdog, interrupts, resolved.run_dir)
-    code = _exit_code(torchrun_code, resolved, signals, interrupts, launch_id, markers_here)
+    code = exit_code(LaunchEnd(resolved.run_dir, torchrun_code, Markers.of_launch(resolved.run_dir, launch_id),
+                               stop_asked=signals.received, interrupted=interrupts.first,
+                               interrupt_exit_code=interrupts.exit_code, ended_at_once=interrupts.ended_at_once,
+                               workers_write_markers=markers_here), resolved.config)
     log.info("run dir %s: config.yaml, metrics.jsonl, checkpoints/, this launch's log %s (exit code %d)",
              resolved.run_dir, launch_log, code)
-    return code
-
-
-def _exit_code(code: int | None, resolved: ResolvedRun, signals: StopSignals, interrupts: Interrupts,
-               launch: str, markers_here: bool) -> int:
-    """The launch's one exit code, from torchrun's and the markers *this* launch's workers wrote (an
-    earlier or concurrent launch of the same run never makes this one look finished)."""
-    cfg, run_dir = resolved.config, resolved.run_dir
-    completed = marker_of_launch(run_dir.completed, launch)
-    stopped = marker_of_launch(run_dir.stopped, launch)
-    if interrupts.ended_at_once:
-        from bigmodel_dist.checkpoint.manager import newest_committed
-
-        newest = newest_committed(run_dir)
-        log.warning("ended at once by a second Ctrl-C: nothing saved since %s; the same command resumes from "
-                    "there (exit %d)", newest.path if newest else "the start (no checkpoint yet)", interrupts.exit_code)
-        return interrupts.exit_code
-    if code is None and completed:
-        log.warning("the workers hung shutting down after the run had completed and saved; treating it as success")
-        return 0
-    if code is None:  # hung: diagnosed and ended
-        return cfg.resilience.hang_exit_code
-    saved = stopped or completed
-    if interrupts.first and saved:
-        at = f"stopped at step {saved['step']} and saved"
-        log.warning("%s (%s): %s; the same command resumes from there (exit %d)",
-                    "Ctrl-C" if interrupts.first == "SIGINT" else "terminal closed", interrupts.first, at,
-                    interrupts.exit_code)
-        return interrupts.exit_code
-    if stopped or signals.received:  # (also after the end: the requeued job finds the run complete)
-        log.warning("training was asked to stop (%s) and saved what was new; exit %d asks to requeue",
-                    signals.received or interrupts.first or "on a worker", cfg.checkpoint.requeue_exit_code)
-        return cfg.checkpoint.requeue_exit_code
-    if code != 0 and completed:
-        # Workers sometimes abort in interpreter teardown after all work is saved (seen with gloo).
-        log.warning("torchrun exited %d after the run had completed and saved; treating it as success", code)
-        return 0
-    if code == 0 and markers_here and not completed:  # torchrun's 0 without this launch's marker
-        log.error("the workers exited without finishing or saving a stop; see their errors above")
-        return EXIT_RUN_FAILED
     return code
 
 
@@ -294,11 +235,8 @@ def _supervise(child: subprocess.Popen, watchdog: HangWatchdog | None, interrupt
             folder = write_diagnosis(hang, watchdog.progress_dir, run_dir)
         finally:  # a full disk (a common cause of hangs) must not leave the hung processes behind
             _end_tree(child)
-        step = max((p.step for p in hang.ranks), default=0)
-        hosts = [socket.gethostname()] if hang.suspects else []
-        append_incident(run_dir.metrics, "hang", step, host=socket.gethostname(), silent_s=hang.silent_s,
-                        suspects=hang.suspects, diagnosis=str(folder))
-        record_suspect_nodes(hosts)
+        record_hang(run_dir, hang, folder)
+        record_suspect_nodes([socket.gethostname()] if hang.suspects else [])
         log.error("hang: %s; stacks and positions in %s; ended this node's processes", hang.summary(), folder)
         return None
 

@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from bigmodel_dist.config.layout import sizes_keeping_batch as batch_keeping
+from bigmodel_dist.config.layout import sizes_keeping_batch
 from bigmodel_dist.config.schema import Config
-from bigmodel_dist.core.errors import ConfigError
 from bigmodel_dist.ft.resize import GROW_PREFIX
 from launcher.ray.stop import request_stop
 
@@ -36,18 +35,9 @@ GROW_POLL_S = 2.0  # how often a running attempt below its maximum looks for fre
 
 
 
-def sizes_keeping_batch(cfg: Config) -> list[int]:
-    """Worker counts in `ray.num_workers` that keep the global batch; refuses a range with none (a fixed
-    count is left to `resolve_run`, whose error names the batch fields)."""
-    low, high = cfg.ray.worker_range()
-    if low == high:  # not elastic: resolve_run says what the batch arithmetic needs
-        return [low]
-    sizes = batch_keeping(cfg.train, range(low, high + 1))
-    if not sizes:
-        raise ConfigError("ray.num_workers", f"no size in {low}..{high} keeps train.global_batch_size="
-                          f"{cfg.train.global_batch_size} (it must divide by micro_batch_size "
-                          f"{cfg.train.micro_batch_size} x workers); widen the range or change the global batch")
-    return sizes
+def worker_counts(cfg: Config) -> list[int]:
+    """The worker counts in `ray.num_workers` that keep the global batch (one worker is one rank)."""
+    return sizes_keeping_batch(cfg.train, cfg.ray.worker_range(), 1, "ray.num_workers")
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:

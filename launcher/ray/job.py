@@ -25,16 +25,17 @@ from bigmodel_dist.config.loader import to_dict
 from bigmodel_dist.config.paths import output_paths
 from bigmodel_dist.config.schema import Config
 from bigmodel_dist.core.errors import EXIT_USAGE, UserInputError
-from bigmodel_dist.core.run_dir import RunDir, marker_of_launch
+from bigmodel_dist.core.run_dir import RunDir
 from bigmodel_dist.ft.resize import GROW_PREFIX
 from bigmodel_dist.run.precision import DeviceInfo
 from bigmodel_dist.run.resolve import ResolvedRun, resolve_run
+from launcher.flow import LaunchEnd, Markers, exit_code
 from launcher.logs import setup_logging
 from launcher.preflight import check_previous_run, prepare_for
 from launcher.ray.elastic import (
     GrowWatcher,
-    sizes_keeping_batch,
     wait_for_size,
+    worker_counts,
     worker_resources,
     written_since,
 )
@@ -90,13 +91,13 @@ def ray_workers_device(cfg: Config) -> DeviceInfo:
 
 def required_resources(cfg: Config) -> dict[str, float]:
     """What the smallest allowed worker group needs (all of `ray.num_workers` when it is a number)."""
-    workers = min(sizes_keeping_batch(cfg))
+    workers = min(worker_counts(cfg))
     return {name: workers * amount for name, amount in worker_resources(cfg).items()}
 
 
 def check_cluster_fits(cfg: Config, available: dict[str, float]) -> None:
     """Ray would wait forever for workers it cannot place: refuse with the numbers instead."""
-    workers = min(sizes_keeping_batch(cfg))
+    workers = min(worker_counts(cfg))
     for resource, amount in required_resources(cfg).items():
         have = available.get(resource, 0.0)
         if amount > have:
@@ -187,7 +188,7 @@ def run(config_path: str, overrides: list[str], stop: DriverStop) -> int:
     cfg = load_config(config_path, overrides)
     stop.watch(cfg.checkpoint.stop_signals)
     check_output_dir(cfg)
-    resolved = resolve_run(cfg, max(sizes_keeping_batch(cfg)), ray_workers_device(cfg))
+    resolved = resolve_run(cfg, max(worker_counts(cfg)), ray_workers_device(cfg))
     _log_working_dir()
     connect(cfg)
     stop.reclaim()  # from Ray's SIGTERM handler, which would abort this driver mid-stop
@@ -213,7 +214,7 @@ def _train_elastic(resolved: ResolvedRun, stop: DriverStop) -> int:
     checkpoint when the cluster can place more. Failures count against ray.max_failures here, since
     Ray's own retry would wait for the lost worker's resources at the old size."""
     cfg = resolved.config
-    sizes, per_worker = sizes_keeping_batch(cfg), worker_resources(cfg)
+    sizes, per_worker = worker_counts(cfg), worker_resources(cfg)
     low, high = cfg.ray.worker_range()
     log.info("elastic: %d..%d workers; sizes that keep the global batch %d: %s; grow at most every %.0f s",
              low, high, cfg.train.global_batch_size, sizes, cfg.ray.grow_every_s)
@@ -268,30 +269,15 @@ def _train(resolved: ResolvedRun, stop: DriverStop, stop_file: Path, num_workers
     result = _fit_hearing_stops(build_trainer(resolved, stop_file, num_workers, max_failures), stop, wait_s)
     if result.error is not None:  # fit() raises in current Ray; older versions return the error
         raise result.error
-    stopped = marker_of_launch(run_dir.stopped, str(stop_file))
-    if stopped is not None or (stop.received and marker_of_launch(run_dir.completed, str(stop_file)) is None):
-        at = _stopped_at(run_dir, stopped)
-        why = stop_reason(stop_file) or (stopped or {}).get("stop_reason")
-        if (why or "").startswith(GROW_PREFIX) and not stop.received:
-            log.info("stopped %s to %s: the next worker group resumes there", at, why)
-            return requeue_code
-        took = f", {time.monotonic() - stop.received_at:.1f} s after the signal" if stop.received_at else ""
-        log.warning("stopped %s (%s)%s; exit %d asks to requeue: resubmitting run name %r resumes there", at, why,
-                    took, requeue_code, cfg.name)
-        return requeue_code
-    log.info("done: checkpoints in %s, metrics in %s", run_dir.checkpoints, run_dir.metrics)
-    return 0
-
-
-def _stopped_at(run_dir: RunDir, stopped: dict[str, Any] | None) -> str:
-    from bigmodel_dist.checkpoint.manager import newest_committed
-
-    if stopped is None:
-        return "before a first step"
-    newest = newest_committed(run_dir)
-    if newest is not None and newest.meta["step"] == stopped["step"]:
-        return f"at step {stopped['step']} with its checkpoint"
-    return f"at step {stopped['step']}, before a first step: nothing new to save"
+    why = stop_reason(stop_file)  # what the driver wrote into the stop file: a signal it got, or a grow request
+    code = exit_code(LaunchEnd(run_dir, 0, Markers.of_launch(run_dir, str(stop_file)),
+                               stop_asked=(why or stop.received) if stop.received else None,
+                               stop_took_s=time.monotonic() - stop.received_at if stop.received_at else None,
+                               grow_request=why if (why or "").startswith(GROW_PREFIX) else None,
+                               resume_hint=f"resubmitting run name {cfg.name!r} resumes there"), cfg)
+    if code == 0:
+        log.info("done: checkpoints in %s, metrics in %s", run_dir.checkpoints, run_dir.metrics)
+    return code
 
 
 def _fit_hearing_stops(trainer, stop: DriverStop, wait_s: int | None):

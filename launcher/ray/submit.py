@@ -23,11 +23,11 @@ from pathlib import Path
 
 from bigmodel_dist.config import load_config
 from bigmodel_dist.config.paths import output_paths
+from bigmodel_dist.core.env import ALLOW_FAULTS, FAULTS, SAMPLE_LEDGER
 from bigmodel_dist.core.errors import UserInputError
-from bigmodel_dist.data.ledger import LEDGER_ENV
 from bigmodel_dist.run.resolve import resolve_run
 from launcher.logs import setup_logging
-from launcher.ray.elastic import sizes_keeping_batch
+from launcher.ray.elastic import worker_counts
 from launcher.ray.job import ray_workers_device
 from launcher.ray.stop import STOP_WAIT_ENV
 
@@ -101,13 +101,13 @@ def check_dashboard(address: str, timeout_s: float = 10.0) -> None:
 
 
 # The project's own switches set where `launch ray` runs reach the job's driver and workers too.
-PASSED_ENV = (LEDGER_ENV, "BIGMODEL_FAULTS", "BIGMODEL_ALLOW_FAULTS")
+PASSED_ENV = (SAMPLE_LEDGER, FAULTS, ALLOW_FAULTS)
 
 
 def submit_command(args: argparse.Namespace, config: str, overrides: list[str], stop_wait_s: int) -> list[str]:
     passed = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
-    if LEDGER_ENV in passed:  # a folder: resolved here, where the command ran (the job runs in Ray's copy)
-        passed[LEDGER_ENV] = os.path.abspath(passed[LEDGER_ENV])
+    if SAMPLE_LEDGER in passed:  # a folder: resolved here, where the command ran (the job runs in Ray's copy)
+        passed[SAMPLE_LEDGER] = os.path.abspath(passed[SAMPLE_LEDGER])
     runtime_env = {"env_vars": {STOP_WAIT_ENV: str(stop_wait_s), **passed}}  # read by the job's supervisor and driver
     command = ["ray", "job", "submit", "--address", args.address, "--working-dir", str(args.working_dir),
                "--runtime-env-json", json.dumps(runtime_env)]
@@ -148,7 +148,7 @@ def launch_ray(args: argparse.Namespace, overrides: list[str]) -> int:
     # the command ran (inputs inside the working dir travel with it and resolve in the copy).
     resolved_outputs = [f"--{field}={value}" for field, value in output_paths(cfg).items()]
     overrides = [*overrides, *resolved_outputs]
-    resolve_run(cfg, max(sizes_keeping_batch(cfg)), ray_workers_device(cfg))
+    resolve_run(cfg, max(worker_counts(cfg)), ray_workers_device(cfg))
     size = check_upload_size(working_dir)
     check_dashboard(args.address)
     args.working_dir = working_dir

@@ -109,7 +109,8 @@ def train_worker(job: dict[str, Any]) -> None:
     import ray.train
 
     from bigmodel_dist.config.loader import from_dict
-    from bigmodel_dist.core.distributed import LAUNCH_ID_ENV, STOP_FILE_ENV, facts_from_env
+    from bigmodel_dist.core.distributed import facts_from_env
+    from bigmodel_dist.core.env import LAUNCH_ID, STOP_FILE
     from bigmodel_dist.run.resolve import run_dir_of
     from bigmodel_dist.training.session import run_training
     from launcher.logs import setup_logging
@@ -119,8 +120,8 @@ def train_worker(job: dict[str, Any]) -> None:
     # Ray exports RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; the node layout comes from its context.
     # The stop file is the driver's channel to the loop (launcher/ray/stop.py): it takes no signals here.
     env = {**os.environ, "LOCAL_WORLD_SIZE": str(context.get_local_world_size()),
-           "GROUP_RANK": str(context.get_node_rank()), STOP_FILE_ENV: job["stop_file"],
-           LAUNCH_ID_ENV: job["stop_file"]}  # one per driver attempt: its markers (ray_job reads them)
+           "GROUP_RANK": str(context.get_node_rank()), STOP_FILE: job["stop_file"],
+           LAUNCH_ID: job["stop_file"]}  # one per driver attempt: its markers (ray_job reads them)
     facts = facts_from_env(env)
     setup_logging(facts.rank, facts.world_size)
     for name in list(logging.root.manager.loggerDict):  # Ray Train logs every report at INFO

@@ -17,11 +17,13 @@ import sys
 from pathlib import Path
 
 from bigmodel_dist.config import load_config
+from bigmodel_dist.core.env import NPROC_PER_NODE
 from bigmodel_dist.core.errors import EXIT_USAGE, UserInputError
 from bigmodel_dist.core.run_dir import RunDir
 from bigmodel_dist.run.precision import DeviceInfo
 from bigmodel_dist.run.resolve import ResolvedRun, resolve_run
 from launcher.logs import setup_logging
+from launcher.preflight import check_previous_run
 from launcher.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ def sbatch_command(args: argparse.Namespace, overrides: list[str], run_dir: RunD
         if value:
             command.append(f"{flag}={value}")
     if args.nproc_per_node:
-        command.append(f"--export=ALL,BIGMODEL_NPROC_PER_NODE={args.nproc_per_node}")
+        command.append(f"--export=ALL,{NPROC_PER_NODE}={args.nproc_per_node}")
     return [*command, *args.sbatch_arg, str(SCRIPT.resolve()), args.config, *overrides]  # the real file, not the link
 
 
@@ -76,9 +78,6 @@ def preflight(config: str, overrides: list[str]) -> ResolvedRun:
     """On the batch node, before any srun: log versions and nodes, check config, GPUs and run name."""
     import torch
 
-    from bigmodel_dist.checkpoint.manager import check_resumable, newest_committed
-    from bigmodel_dist.data.continuity import continue_data
-
     nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
     expanded = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True).stdout
     nodes = ",".join(expanded.split()) or nodelist or "?"
@@ -90,12 +89,10 @@ def preflight(config: str, overrides: list[str]) -> ResolvedRun:
     gpus_here = torch.cuda.device_count()
     if gpus_here and per_node > gpus_here:
         raise UserInputError(f"{per_node} processes per node but this node has {gpus_here} GPU(s); "
-                             "lower --gpus-per-node / BIGMODEL_NPROC_PER_NODE")
+                             f"lower --gpus-per-node / {NPROC_PER_NODE}")
     resolved = resolve_run(load_config(config, overrides), nnodes * per_node)
-    previous = newest_committed(resolved.run_dir)
-    if previous is not None:  # the run name is the resume key: it must name the same run, on the same corpus
-        check_resumable(previous, resolved)
-        continue_data(resolved.config, previous)
+    # The run name is the resume key: it must name the same run, on the same corpus (one line, exit 2).
+    resolved, _ = check_previous_run(resolved)
     return resolved
 
 

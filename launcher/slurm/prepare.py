@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from bigmodel_dist.config import load_config
+from bigmodel_dist.core.env import PREPARE_TASKS
 from bigmodel_dist.core.errors import UserInputError
 from bigmodel_dist.data.mixture_sources import run_plans
 from bigmodel_dist.data.prepare import cache_dir_of
@@ -43,7 +44,6 @@ from launcher.logs import setup_logging
 from launcher.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
-TASKS_ENV = "BIGMODEL_PREPARE_TASKS"
 MAX_ARRAY_TASKS = 1000
 # What the first job passes on to the jobs it submits: sbatch option <- its environment variable there.
 INHERITED = {"--partition": "SLURM_JOB_PARTITION", "--account": "SLURM_JOB_ACCOUNT", "--qos": "SLURM_JOB_QOS",
@@ -56,9 +56,9 @@ def inherited_options(env: dict[str, str]) -> list[str]:
 
 
 def num_tasks(num_units: int, env: dict[str, str]) -> int:
-    wanted = env.get(TASKS_ENV, "")
+    wanted = env.get(PREPARE_TASKS, "")
     if wanted and not (wanted.isdigit() and int(wanted) > 0):
-        raise UserInputError(f"{TASKS_ENV}={wanted!r}: give a whole number of array tasks > 0")
+        raise UserInputError(f"{PREPARE_TASKS}={wanted!r}: give a whole number of array tasks > 0")
     return min(num_units, int(wanted) if wanted else MAX_ARRAY_TASKS)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel_dist.data.ledger import LEDGER_ENV, samples_by_step
+from bigmodel_dist.core.env import SAMPLE_LEDGER
+from bigmodel_dist.data.ledger import samples_by_step
 from bigmodel_dist.metrics.jsonl import read_metrics
 
 from ..cli import assert_one_line_error, cli_command, run_cli
@@ -69,7 +70,7 @@ def test_a_lost_node_shrinks_the_group_and_a_new_one_grows_it_at_a_checkpoint(ra
         launch = ["launch", "ray", "configs/gpt2-tiny.yaml", "--address", ray_cluster.address,
                   *_overrides(out, data_cache, "elastic"), "--ray.num_workers=1..2",
                   f"--ray.resources_per_worker.{SLOT}=1", "--ray.grow_every_s=1", "--ray.max_failures=2"]
-        env = {**job_env(), LEDGER_ENV: str(tmp_path / "ledger")}  # every rank's samples, per step
+        env = {**job_env(), SAMPLE_LEDGER: str(tmp_path / "ledger")}  # every rank's samples, per step
         job = subprocess.Popen([*netns_prefix(), *cli_command(launch)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
         _wait_until(lambda: read_metrics(run_dir / "metrics.jsonl").last_step() >= 2, "step 2 on one worker", job)
