@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster.fixtures import slurm_cluster  # noqa: F401  (the real local Slurm cluster, session-wide)
+from tests.cluster.fixtures import slurm_cluster  # noqa: F401  (the real local Slurm cluster, session-wide)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-# The one run that every stop-and-resume test compares with (tests/test_resume.py, the Slurm requeue):
+# The one run that every stop-and-resume test compares with (tests/distributed/test_resume.py, the Slurm requeue):
 # 30 steps leave time to stop it mid-run on fast machines; its straight reference is run once per stage.
 RESUME_STEPS = 30
 RESUME_RUN = [*TINY, "--train.eval_every=0", "--checkpoint.every=0", f"--train.max_steps={RESUME_STEPS}"]
@@ -75,8 +75,8 @@ RESUME_RUN = [*TINY, "--train.eval_every=0", "--checkpoint.every=0", f"--train.m
 @pytest.fixture(scope="session")
 def straight_losses(tmp_path_factory, data_cache) -> Callable[[int], dict[int, float]]:
     """`straight_losses(stage)`: per-step losses of RESUME_RUN uninterrupted (launch local, 2 ranks)."""
-    from .cli import run_command
-    from .launching import launch_local_command, losses
+    from tests.helpers.cli import run_command
+    from tests.helpers.launching import launch_local_command, losses
 
     done: dict[int, dict[int, float]] = {}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ..guards import HANG_GUARD_S
+from tests.helpers.guards import HANG_GUARD_S
 
 HERE = Path(__file__).resolve().parent
 DAEMONS = {"munged": "munged", "slurmctld": "slurmctld", "slurmd-n1": "slurmd", "slurmd-n2": "slurmd"}
@@ -70,7 +70,7 @@ def ray_cluster():
     """A real Ray head confined to loopback (its own network namespace), stopped by PID after the last
     test of the package that uses it (tests/cluster: its Ray modules run one after another): its idle
     daemons would otherwise take CPU from the rest of the suite."""
-    from . import ray_cluster as local_ray
+    from tests.cluster import ray_cluster as local_ray
 
     if os.geteuid() != 0:
         pytest.fail("the local Ray cluster needs root (a network namespace): run the tests as root, as CI does")

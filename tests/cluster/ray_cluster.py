@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.local.launch import child_pids
-
-from ..guards import HANG_GUARD_S
+from tests.helpers.guards import HANG_GUARD_S
 
 NAMESPACE = "bigmodel-ray"
 TEMP_DIR = Path("/tmp/bmray")  # short: Ray's unix socket paths must stay under 108 bytes

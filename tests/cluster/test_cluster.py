@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..guards import HANG_GUARD_S
+from tests.helpers.guards import HANG_GUARD_S
 
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 

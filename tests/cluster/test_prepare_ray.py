@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from ..cli import TINY_CONFIG, cli_command, run_cli
-from ..guards import HANG_GUARD_S
-from ..prepare_cases import files_of, make_corpus, overrides, prepare_locally, stamps_of
-from .ray_cluster import GCS_PORT, netns_prefix
+from tests.cluster.ray_cluster import GCS_PORT, netns_prefix
+from tests.helpers.cli import TINY_CONFIG, cli_command, run_cli
+from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.prepare_cases import files_of, make_corpus, overrides, prepare_locally, stamps_of
 
 pytestmark = pytest.mark.distributed
 HELD_SHARD = 3

@@ -23,12 +23,11 @@ import pytest
 
 from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.metrics.jsonl import read_metrics
-
-from ..cli import assert_one_line_error, cli_command, run_cli, run_command
-from ..conftest import TINY
-from ..guards import HANG_GUARD_S
-from ..journeys.fresh_clone import copy_repository
-from .ray_cluster import job_env, listening_sockets, netns_prefix, worker_pids
+from tests.cluster.ray_cluster import job_env, listening_sockets, netns_prefix, worker_pids
+from tests.conftest import TINY
+from tests.helpers.cli import assert_one_line_error, cli_command, run_cli, run_command
+from tests.helpers.guards import HANG_GUARD_S
+from tests.journeys.fresh_clone import copy_repository
 
 pytestmark = pytest.mark.distributed
 
@@ -151,7 +150,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_with_the_same_losses(re
 
     history = read_metrics(out / "killed" / "metrics.jsonl")
     assert [r["step"] for r in history.restarts] in ([EVERY], [2 * EVERY])  # resumed from a checkpoint
-    # the uninterrupted ZeRO-2 run: fp32 ZeRO stages agree to ~5e-7 (tests/test_zero_stages.py)
+    # the uninterrupted ZeRO-2 run: fp32 ZeRO stages agree to ~5e-7 (tests/distributed/test_zero_stages.py)
     reference = _losses(out / "zero2")
     losses = _losses(out / "killed")
     assert max(abs(a - b) for a, b in zip(losses, reference)) < 1e-4

@@ -21,12 +21,11 @@ import pytest
 from bigmodel_dist.core.env import SAMPLE_LEDGER
 from bigmodel_dist.data.ledger import samples_by_step
 from bigmodel_dist.metrics.jsonl import read_metrics
-
-from ..cli import assert_one_line_error, cli_command, run_cli
-from ..conftest import REPO, TINY
-from ..guards import HANG_GUARD_S
-from ..spawn import run_distributed
-from .ray_cluster import job_env, kill_node, netns_prefix, start_node
+from tests.cluster.ray_cluster import job_env, kill_node, netns_prefix, start_node
+from tests.conftest import REPO, TINY
+from tests.helpers.cli import assert_one_line_error, cli_command, run_cli
+from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -41,7 +40,7 @@ def _overrides(out: Path, data_cache: Path, name: str) -> list[str]:
 
 
 def _train_reference(overrides: list[str]) -> None:
-    """A plain local rank (tests/spawn.py), from the same config file as the Ray job."""
+    """A plain local rank (tests/helpers/spawn.py), from the same config file as the Ray job."""
     from bigmodel_dist.config import load_config
     from bigmodel_dist.core.distributed import facts_from_env
     from bigmodel_dist.training.session import run_training

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ..guards import HANG_GUARD_S
-from ..journeys.fresh_clone import fresh_clone
-from .ray_cluster import job_env, netns_prefix
+from tests.cluster.ray_cluster import job_env, netns_prefix
+from tests.helpers.guards import HANG_GUARD_S
+from tests.journeys.fresh_clone import fresh_clone
 
 pytestmark = pytest.mark.distributed
 STEPS = 6

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..conftest import REPO
+from tests.conftest import REPO
 
 VENV_STAMP = ".venv/.installed"  # `make setup`'s stamp: present, so `make train` starts at once
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 from bigmodel_dist.metrics.jsonl import read_metrics
-
-from ..conftest import REPO
-from ..guards import HANG_GUARD_S
-from .fresh_clone import fresh_clone, make_command, user_env
+from tests.conftest import REPO
+from tests.helpers.guards import HANG_GUARD_S
+from tests.journeys.fresh_clone import fresh_clone, make_command, user_env
 
 pytestmark = pytest.mark.distributed
 RUN = Path("runs") / "gpt2-tiny"  # the default output dir and the main job's run name, relative
@@ -68,7 +67,7 @@ def test_make_train_saves_under_runs_and_the_same_command_again_resumes(clone, f
     assert f"run gpt2-tiny is already complete: {run_dir / 'checkpoints' / 'step_00000004'} is at step 4" in again
     assert "launching" not in again and steps_saved(run_dir) == [4]
     # the same run name with another model: one line before any process starts, nothing touched (another
-    # global batch size is a recorded ramp-up: tests/test_batch_change.py)
+    # global batch size is a recorded ramp-up: tests/distributed/test_batch_change.py)
     refused = run(["bigmodel", "launch", "local", "configs/gpt2-tiny.yaml", "--train.max_steps=6",
                    "--model.preset=gpt2-mini"], clone)
     assert refused.returncode == 2 and "written with model={'preset': 'gpt2-tiny'" in refused.stdout, refused.stdout[-3000:]

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 from bigmodel_dist.metrics.jsonl import read_metrics
-
-from ..guards import HANG_GUARD_S
-from ..test_slurm import _job_field, _wait
-from .fresh_clone import fresh_clone, user_env
+from tests.cluster.test_slurm import _job_field, _wait
+from tests.helpers.guards import HANG_GUARD_S
+from tests.journeys.fresh_clone import fresh_clone, user_env
 
 pytestmark = pytest.mark.distributed
 EVERY, STEPS = 5, 20

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import REPO
-from ..guards import HANG_GUARD_S
+from tests.conftest import REPO
+from tests.helpers.guards import HANG_GUARD_S
 
 SHIPPED = sorted(p.stem for p in (REPO / "configs" / "deepspeed").glob("*.json"))
 

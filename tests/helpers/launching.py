@@ -1,0 +1,90 @@
+"""`bigmodel launch local` as a test drives it: start, wait for a log line or a file, signal, collect.
+
+Every wait is on an event (a line the run prints, a file it writes, its exit) with HANG_GUARD_S only as
+a guard against a hang, so the tests hold on machines of any speed.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from tests.conftest import REPO
+from tests.helpers.cli import TINY_CONFIG, cli_command
+from tests.helpers.guards import HANG_GUARD_S
+
+
+def launch_local_command(*overrides: str) -> list[str]:
+    return cli_command(["launch", "local", TINY_CONFIG, "--nproc-per-node=2", *overrides])
+
+
+class Launch:
+    """A running `launch local` whose output (stdout and stderr together) is read line by line."""
+
+    def __init__(self, command: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.lines: list[str] = []
+        self._new: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._new.put(line)
+        self._new.put(None)  # end of output: the process is exiting
+
+    def wait_for_line(self, pattern: str) -> str:
+        """The first line (from now on or already read) matching `pattern`; fails if the run ends first."""
+        regex = re.compile(pattern)
+        seen = next((line for line in self.lines if regex.search(line)), None)
+        guard = time.monotonic() + HANG_GUARD_S
+        while seen is None:
+            try:
+                line = self._new.get(timeout=max(0.0, guard - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within the hang guard") from None
+            if line is None:
+                self._new.put(None)
+                raise AssertionError(f"the run ended before a line matching {pattern!r}:\n{self.output[-4000:]}")
+            self.lines.append(line)
+            if regex.search(line):
+                seen = line
+        return seen
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def finish(self) -> int:
+        """Wait for the exit (guarded) and the whole output; returns the exit code."""
+        code = self.proc.wait(timeout=HANG_GUARD_S)
+        while (line := self._new.get(timeout=HANG_GUARD_S)) is not None:
+            self.lines.append(line)
+        self._new.put(None)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def wait_for_step(launch: Launch, metrics: Path, step: int) -> None:
+    """Until rank 0 logged `step` (metrics.jsonl), or fail if the run ends first."""
+    guard = time.monotonic() + HANG_GUARD_S
+    while not (metrics.exists() and any(json.loads(line).get("step", 0) >= step
+                                        for line in metrics.read_text().splitlines())):
+        assert launch.proc.poll() is None, f"run ended before step {step}:\n{launch.output[-4000:]}"
+        assert time.monotonic() < guard, f"step {step} not logged within the hang guard"
+        time.sleep(0.05)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step losses as a reader sees them (redone steps after a resume dropped)."""
+    from bigmodel_dist.metrics.jsonl import read_metrics
+
+    steps, values = read_metrics(run_dir / "metrics.jsonl").series("loss")
+    return dict(zip(steps, values))
