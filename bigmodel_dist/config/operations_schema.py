@@ -50,8 +50,7 @@ class RayConfig:
         """(min, max) workers: both `num_workers` when it is a number."""
         from bigmodel_dist.config.ranges import parse_size_range
 
-        return parse_size_range(self.num_workers, "ray.num_workers", lambda message: ConfigError("ray.num_workers",
-                                                                                               message))
+        return parse_size_range(self.num_workers, "ray.num_workers", config_field=True)
 
     @property
     def elastic(self) -> bool:

@@ -4,22 +4,23 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
-from bigmodel_dist.core.errors import UserInputError
+from bigmodel_dist.core.errors import ConfigError, UserInputError
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:(?:\.\.|:)\s*(\d+)\s*)?$")
 
 
-def parse_size_range(text: str | int, name: str,
-                     error: Callable[[str], Exception] = UserInputError) -> tuple[int, int]:
-    """(min, max): "4" -> (4, 4); "2..4" and "2:4" -> (2, 4). Anything else, a minimum below 1 or above the
-    maximum: `error(message)`, the message naming `name` (a CLI option or a config field)."""
-    found = _RANGE.match(str(text))
-    if not found:
-        raise error(f"{name} {str(text).strip()!r}: give a number or MIN..MAX (MIN:MAX works too), e.g. 2..4")
-    low = int(found.group(1))
-    high = int(found.group(2)) if found.group(2) is not None else low
-    if not 1 <= low <= high:
-        raise error(f"{name} {str(text).strip()}: needs 1 <= MIN <= MAX")
-    return low, high
+def parse_size_range(text: str | int, name: str, config_field: bool = False) -> tuple[int, int]:
+    """(min, max): "4" -> (4, 4); "2..4" and "2:4" -> (2, 4). Anything else, or not 1 <= min <= max: a
+    one-line error naming `name`, a command-line option or (`config_field`) a config field."""
+    given = str(text).strip()
+    found = _RANGE.match(given)
+    low = int(found.group(1)) if found else 0
+    high = int(found.group(2)) if found and found.group(2) is not None else low
+    reason = ("give a number or MIN..MAX (MIN:MAX works too), e.g. 2..4" if not found else
+              "needs 1 <= MIN <= MAX" if not 1 <= low <= high else None)
+    if reason is None:
+        return low, high
+    if config_field:
+        raise ConfigError(name, f"{given!r}: {reason}")
+    raise UserInputError(f"{name} {given}: {reason}")
