@@ -94,11 +94,18 @@ class RunDir:
         return str(self.path)
 
 
-def marker_of_launch(marker: Path, launch: str | None) -> dict[str, Any] | None:
-    """A COMPLETED/STOPPED record if the launch `launch` (its stop file: one per launch) wrote it, else
-    None. A marker left by an earlier or a concurrent launch of the same run is never this one's."""
+def read_marker(marker: Path) -> dict[str, Any] | None:
+    """A COMPLETED/STOPPED record (step, tokens, stop reason and request, launch), or None: the one reader of
+    the markers the trainer writes (`training/reporting.py`)."""
     try:
         record = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
-    return record if launch is not None and isinstance(record, dict) and record.get("launch") == launch else None
+    return record if isinstance(record, dict) else None
+
+
+def marker_of_launch(marker: Path, launch: str | None) -> dict[str, Any] | None:
+    """The marker if the launch `launch` (its stop file: one per launch) wrote it, else None. A marker left
+    by an earlier or a concurrent launch of the same run is never this one's."""
+    record = read_marker(marker)
+    return record if launch is not None and record is not None and record.get("launch") == launch else None

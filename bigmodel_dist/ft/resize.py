@@ -7,11 +7,10 @@ universal-checkpoint conversion (cached, so only the first rank group on a new s
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
-from bigmodel_dist.core.run_dir import RunDir
+from bigmodel_dist.core.run_dir import RunDir, read_marker
 from bigmodel_dist.metrics.jsonl import LAUNCHER, MetricsHistory
 
 GROW_PREFIX = "grow"  # a stop reason that starts with it: the launcher stopped the run to grow it
@@ -20,11 +19,8 @@ GROW_PREFIX = "grow"  # a stop reason that starts with it: the launcher stopped 
 def stop_reason_at(run_dir: RunDir, step: int) -> str | None:
     """Why the previous rank group stopped, when it stopped at `step` (its STOPPED marker): a periodic
     checkpoint at the stop step is not saved again, so the checkpoint itself may not say it."""
-    try:
-        marker = json.loads(run_dir.stopped.read_text())
-    except (OSError, ValueError):
-        return None
-    if marker.get("step") != step:
+    marker = read_marker(run_dir.stopped)
+    if marker is None or marker.get("step") != step:
         return None
     return marker.get("stop_request") or marker.get("stop_reason")
 
