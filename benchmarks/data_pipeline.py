@@ -114,8 +114,8 @@ def _loader_supply(cache: Path, seconds: float = 3.0) -> float:
     """Samples/s one rank's BatchLoader delivers for the tiny model's layout (global 16, micro 4, 2 ranks)."""
     from bigmodel_dist.config import load_config
     from bigmodel_dist.config.layout import BatchLayout
+    from bigmodel_dist.data.batch_loader import BatchLoader
     from bigmodel_dist.data.dataset import PackedDataset
-    from bigmodel_dist.data.loader import BatchLoader
     from bigmodel_dist.data.prepare import prepare_data
 
     cfg = load_config(REPO / "configs" / "gpt2-tiny.yaml")

@@ -58,7 +58,7 @@ def _compare(trainer, facts, args: argparse.Namespace) -> None:
                                     config=resolved.deepspeed_config)
     layout = resolved.layout
 
-    from bigmodel_dist.data.loader import BatchLoader
+    from bigmodel_dist.data.batch_loader import BatchLoader
 
     def bare_step(loader: BatchLoader, step: int) -> float:
         started = time.perf_counter()

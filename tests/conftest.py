@@ -75,7 +75,7 @@ RESUME_RUN = [*TINY, "--train.eval_every=0", "--checkpoint.every=0", f"--train.m
 @pytest.fixture(scope="session")
 def straight_losses(tmp_path_factory, data_cache) -> Callable[[int], dict[int, float]]:
     """`straight_losses(stage)`: per-step losses of RESUME_RUN uninterrupted (launch local, 2 ranks)."""
-    from tests.helpers.cli import run_command
+    from tests.helpers.commands import run_command
     from tests.helpers.launching import launch_local_command, losses
 
     done: dict[int, dict[int, float]] = {}

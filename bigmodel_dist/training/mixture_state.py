@@ -8,9 +8,9 @@ import torch
 
 from bigmodel_dist.checkpoint.train_state import TrainState
 from bigmodel_dist.core.distributed import DistributedFacts
+from bigmodel_dist.data.batch_loader import BatchLoader
 from bigmodel_dist.data.dataset import MixedDataset, PackedDataset
 from bigmodel_dist.data.ledger import SampleLedger
-from bigmodel_dist.data.loader import BatchLoader
 from bigmodel_dist.data.mixture import (
     MixtureProgress,
     MixtureReader,

@@ -9,9 +9,9 @@ from typing import Any
 from bigmodel_dist.checkpoint.manager import CheckpointManager
 from bigmodel_dist.checkpoint.train_state import TrainState
 from bigmodel_dist.core.distributed import DistributedFacts
+from bigmodel_dist.data.batch_loader import BatchLoader
 from bigmodel_dist.data.dataset import MixedDataset, PackedDataset
 from bigmodel_dist.data.ledger import SampleLedger
-from bigmodel_dist.data.loader import BatchLoader
 from bigmodel_dist.ft.preemption import StopController, StopSignals
 from bigmodel_dist.metrics.logger import MetricsLogger
 from bigmodel_dist.metrics.startup import StartupClock

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.waiting import wait_until
 
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
@@ -17,18 +17,19 @@ def _sbatch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
+def _state(job_id: str) -> str:
+    shown = subprocess.check_output(["scontrol", "show", "job", job_id], text=True)
+    return re.search(r"JobState=(\S+)", shown)[1]
+
+
 def _wait(job_id: str, timeout: float = HANG_GUARD_S) -> str:
     """Poll `scontrol show job` (there is no sacct) until the job has finished; return its state."""
-    deadline = time.monotonic() + timeout
-    while True:
-        shown = subprocess.check_output(["scontrol", "show", "job", job_id], text=True)
-        state = re.search(r"JobState=(\S+)", shown)[1]
-        if state in FINISHED:
-            return state
-        if time.monotonic() > deadline:
-            subprocess.run(["scancel", job_id], check=False)  # ours
-            raise AssertionError(f"job {job_id} still {state} after {timeout}s")
-        time.sleep(0.5)
+    try:
+        return wait_until(lambda: (state := _state(job_id)) in FINISHED and state, f"the end of job {job_id}",
+                          interval=0.5, guard=timeout)
+    except AssertionError as exc:
+        subprocess.run(["scancel", job_id], check=False)  # ours
+        raise AssertionError(f"{exc}: still {_state(job_id)}") from None
 
 
 def test_two_node_job_runs_on_n1_and_n2(slurm_cluster, tmp_path: Path):

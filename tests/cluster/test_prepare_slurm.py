@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from bigmodel_dist.data.prepare_plan import chunk
 from tests.conftest import REPO
-from tests.helpers.cli import TINY_CONFIG
+from tests.helpers.commands import TINY_CONFIG
 from tests.helpers.guards import HANG_GUARD_S
 from tests.helpers.prepare_cases import files_of, make_corpus, overrides, prepare_locally, stamps_of
+from tests.helpers.slurm_jobs import DONE
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.distributed
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 TASKS = 2
 
 
@@ -33,14 +33,13 @@ def _states(job: str) -> list[str]:
 
 
 def _wait(job: str) -> list[str]:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while time.monotonic() < deadline:
-        states = _states(job)
-        if states and all(s in DONE for s in states):
-            return states
-        time.sleep(1)
-    subprocess.run(["scancel", job])  # our own job only
-    raise AssertionError(f"job {job} still {_states(job)} after {HANG_GUARD_S}s")
+    """The states of the job (of every task of an array job) once all have ended."""
+    try:
+        return wait_until(lambda: (states := _states(job)) and all(s in DONE for s in states) and states,
+                          f"the end of job {job}", interval=1)
+    except AssertionError as exc:
+        subprocess.run(["scancel", job])  # our own job only
+        raise AssertionError(f"{exc}: still {_states(job)}") from None
 
 
 def _submit(tmp_path: Path, env: dict[str, str], corpus: Path, cache: Path, out: Path) -> tuple[str, str]:

@@ -15,8 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,10 @@ from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.metrics.jsonl import read_metrics
 from tests.cluster.ray_cluster import job_env, listening_sockets, netns_prefix, worker_pids
 from tests.conftest import TINY
-from tests.helpers.cli import assert_one_line_error, cli_command, run_cli, run_command
+from tests.helpers.commands import assert_one_line_error, cli_command, run_cli, run_command
 from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.launching import Launch
+from tests.helpers.waiting import wait_until
 from tests.journeys.fresh_clone import copy_repository
 
 pytestmark = pytest.mark.distributed
@@ -51,21 +51,8 @@ def _submit(cluster, workdir: Path, overrides: list[str], *flags: str) -> subpro
     return cluster.run(_submit_command(cluster, workdir, overrides, *flags), env=job_env(), timeout=HANG_GUARD_S)
 
 
-def _submit_in_background(cluster, workdir: Path, overrides: list[str], *flags: str) -> subprocess.Popen:
-    return subprocess.Popen([*netns_prefix(), *_submit_command(cluster, workdir, overrides, *flags)], env=job_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_until(done: Callable[[], bool], what: str, job: subprocess.Popen, timeout: float = HANG_GUARD_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert job.poll() is None, f"job ended before {what}:\n{job.stdout.read()[-4000:]}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
-        time.sleep(0.05)
-
-
-def _wait_for(path: Path, job: subprocess.Popen, timeout: float = HANG_GUARD_S) -> None:
-    _wait_until(path.exists, f"{path}", job, timeout)
+def _submit_in_background(cluster, workdir: Path, overrides: list[str], *flags: str) -> Launch:
+    return Launch([*netns_prefix(), *_submit_command(cluster, workdir, overrides, *flags)], job_env())
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -140,12 +127,14 @@ def test_killed_worker_restarts_from_the_last_checkpoint_with_the_same_losses(re
                                                                              data_cache):
     out = reference_runs["out"]
     job = _submit_in_background(ray_cluster, workdir, _overrides(out, data_cache, "killed", "--deepspeed.config=zero3"))
-    _wait_for(out / "killed" / "checkpoints" / f"step_{EVERY:08d}", job)
+    wait_until((out / "killed" / "checkpoints" / f"step_{EVERY:08d}").exists, f"the step-{EVERY} checkpoint",
+               alive=[job])
     victims = worker_pids(ray_cluster.head_pid)
     assert len(victims) == 2
     os.kill(victims[0], signal.SIGKILL)
-    output, _ = job.communicate(timeout=HANG_GUARD_S)
-    assert job.returncode == 0, output[-6000:]
+    code = job.finish()
+    output = job.output
+    assert code == 0, output[-6000:]
     assert _sent_mib(output) < 5  # plain `ray job submit --working-dir` of the repo copy: .rayignore works
 
     history = read_metrics(out / "killed" / "metrics.jsonl")
@@ -182,9 +171,8 @@ def test_ray_job_stop_mid_interval_saves_that_step_and_the_resubmission_resumes_
     overrides = _overrides(out, data_cache, "stopped", "--deepspeed.config=zero2")
     launch = ["launch", "ray", "configs/gpt2-tiny.yaml", "--address", ray_cluster.address,
               "--submission-id", "bigmodel-stop-1", *overrides]  # sets ray.stop_wait_s (300 s) for the job
-    job = subprocess.Popen([*netns_prefix(), *cli_command(launch)], cwd=workdir, env=job_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    _wait_until(lambda: read_metrics(run_dir / "metrics.jsonl").last_step() >= EVERY + 1, "step 5 logged", job)
+    job = Launch([*netns_prefix(), *cli_command(launch)], job_env(), cwd=workdir)
+    wait_until(lambda: read_metrics(run_dir / "metrics.jsonl").last_step() >= EVERY + 1, "step 5 logged", alive=[job])
     workers = worker_pids(ray_cluster.head_pid)
     assert len(workers) == 2
     _signal_all(workers, signal.SIGSTOP)
@@ -192,11 +180,12 @@ def test_ray_job_stop_mid_interval_saves_that_step_and_the_resubmission_resumes_
         stop = ray_cluster.run(["ray", "job", "stop", "--no-wait", "--address", ray_cluster.address,
                                 "bigmodel-stop-1"], env=job_env(), timeout=HANG_GUARD_S)  # it would wait for the end
         assert stop.returncode == 0, stop.stdout + stop.stderr
-        _wait_until(lambda: any((run_dir / "ray").glob("stop-*")), "stop file from the driver", job)
+        wait_until(lambda: any((run_dir / "ray").glob("stop-*")), "stop file from the driver", alive=[job])
     finally:
         _signal_all(workers, signal.SIGCONT)
-    output, _ = job.communicate(timeout=HANG_GUARD_S)
-    assert job.returncode == 85, output[-6000:]  # `launch ray` passes on the requeue code of a stopped job
+    code = job.finish()
+    output = job.output
+    assert code == 85, output[-6000:]  # `launch ray` passes on the requeue code of a stopped job
     assert "SIGTERM: asked the workers to stop after their current step and save" in output, output[-6000:]
     assert "Ray kills the job 300 s after its signal" in output
     assert (f"stopped at step {stop_step} with its checkpoint (SIGTERM to the Ray job's driver (ray job stop)), "

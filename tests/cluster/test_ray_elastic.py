@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,9 +21,10 @@ from bigmodel_dist.data.ledger import samples_by_step
 from bigmodel_dist.metrics.jsonl import read_metrics
 from tests.cluster.ray_cluster import job_env, kill_node, netns_prefix, start_node
 from tests.conftest import REPO, TINY
-from tests.helpers.cli import assert_one_line_error, cli_command, run_cli
-from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.commands import assert_one_line_error, cli_command, run_cli
+from tests.helpers.launching import Launch
 from tests.helpers.spawn import run_distributed
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.distributed
 
@@ -48,14 +47,6 @@ def _train_reference(overrides: list[str]) -> None:
     run_training(load_config(REPO / "configs" / "gpt2-tiny.yaml", overrides), facts_from_env())
 
 
-def _wait_until(done, what: str, job: subprocess.Popen) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not done():
-        assert job.poll() is None, f"job ended before {what}:\n{job.stdout.read()[-6000:]}"
-        assert time.monotonic() < deadline, f"no {what} within {HANG_GUARD_S}s"
-        time.sleep(0.1)
-
-
 def _resizes(run_dir: Path) -> list[dict]:
     return [i for i in read_metrics(run_dir / "metrics.jsonl").incidents if i["event"] == "resize"]
 
@@ -70,22 +61,24 @@ def test_a_lost_node_shrinks_the_group_and_a_new_one_grows_it_at_a_checkpoint(ra
                   *_overrides(out, data_cache, "elastic"), "--ray.num_workers=1..2",
                   f"--ray.resources_per_worker.{SLOT}=1", "--ray.grow_every_s=1", "--ray.max_failures=2"]
         env = {**job_env(), SAMPLE_LEDGER: str(tmp_path / "ledger")}  # every rank's samples, per step
-        job = subprocess.Popen([*netns_prefix(), *cli_command(launch)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-        _wait_until(lambda: read_metrics(run_dir / "metrics.jsonl").last_step() >= 2, "step 2 on one worker", job)
+        job = Launch([*netns_prefix(), *cli_command(launch)], env)
+        wait_until(lambda: read_metrics(run_dir / "metrics.jsonl").last_step() >= 2, "step 2 on one worker",
+                   alive=[job], interval=0.1)
         second = start_node({SLOT: 1})  # room for a second worker: the group grows at its next step
-        _wait_until(lambda: len(_resizes(run_dir)) == 1, "the grow", job)
+        wait_until(lambda: len(_resizes(run_dir)) == 1, "the grow", alive=[job], interval=0.1)
         grown_at = _resizes(run_dir)[0]["step"]
         saved_after = (grown_at // EVERY + 1) * EVERY  # a periodic checkpoint written by the 2-worker group
-        _wait_until(lambda: (run_dir / "checkpoints" / f"step_{saved_after:08d}").is_dir(), "a checkpoint at 2", job)
+        wait_until(lambda: (run_dir / "checkpoints" / f"step_{saved_after:08d}").is_dir(), "a checkpoint at 2",
+                   alive=[job], interval=0.1)
         kill_node(second)
         second = None
-        output, _ = job.communicate(timeout=HANG_GUARD_S)
+        code = job.finish()
+        output = job.output
     finally:
         for node in (first, second):
             if node is not None:
                 kill_node(node)
-    assert job.returncode == 0, output[-8000:]
+    assert code == 0, output[-8000:]
     assert json.loads((run_dir / "COMPLETED").read_text())["step"] == STEPS
 
     grow, shrink = _resizes(run_dir)

@@ -16,6 +16,7 @@ import pytest
 
 from tests.cluster.ray_cluster import job_env, netns_prefix
 from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.launching import Launch
 from tests.journeys.fresh_clone import fresh_clone
 
 pytestmark = pytest.mark.distributed
@@ -45,14 +46,14 @@ def _ray_internal_timeouts(lines: list[str]) -> set[int]:
     return tolerated
 
 
-def _start(cluster, clone: Path, command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([*netns_prefix(), *command], cwd=clone, env=job_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _start(cluster, clone: Path, command: list[str]) -> Launch:
+    return Launch([*netns_prefix(), *command], job_env(), cwd=clone)
 
 
-def _clean_success(job: subprocess.Popen) -> str:
-    output, _ = job.communicate(timeout=HANG_GUARD_S)
-    assert job.returncode == 0, output[-6000:]
+def _clean_success(job: Launch) -> str:
+    code = job.finish()
+    output = job.output
+    assert code == 0, output[-6000:]
     lines = output.splitlines()
     tolerated = _ray_internal_timeouts(lines)
     alarming = [line for i, line in enumerate(lines) if ALARMING.search(line) and i not in tolerated]

@@ -6,7 +6,6 @@ import json
 import platform
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,11 @@ import pytest
 from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.metrics.jsonl import read_metrics
 from tests.conftest import REPO, TINY
-from tests.helpers.cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
-from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli, run_command
+from tests.helpers.slurm_jobs import job_field, wait_for_job
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.distributed
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 def _submit(tmp_path: Path, data_cache: Path, env, *args: str) -> subprocess.CompletedProcess:
@@ -34,23 +33,6 @@ def _job_id(result: subprocess.CompletedProcess) -> str:
     return re.search(r"submitted job (\d+)", result.stdout).group(1)
 
 
-def _job_field(job: str, field: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    match = re.search(rf"\b{field}=(\S+)", out)
-    return match.group(1) if match else ""
-
-
-def _wait(job: str, timeout: float = HANG_GUARD_S, until=DONE) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = _job_field(job, "JobState")
-        if state in until:
-            return state
-        time.sleep(1)
-    subprocess.run(["scancel", job])  # our own job only
-    raise AssertionError(f"job {job} still {_job_field(job, 'JobState')} after {timeout}s")
-
-
 def _log(run_dir: Path, job: str) -> str:
     return (run_dir / "logs" / f"{run_dir.name}-{job}.out").read_text()
 
@@ -58,7 +40,7 @@ def _log(run_dir: Path, job: str) -> str:
 def test_one_node_two_processes_zero2(slurm_cluster, tmp_path, data_cache, cli_env):
     job = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=2", "--name=one",
                           "--train.max_steps=4", "--checkpoint.every=2", "--deepspeed.config=zero2"))
-    assert _wait(job) == "COMPLETED", _log(tmp_path / "one", job)[-3000:]
+    assert wait_for_job(job) == "COMPLETED", _log(tmp_path / "one", job)[-3000:]
     run_dir = tmp_path / "one"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
     meta = json.loads((run_dir / "checkpoints" / "step_00000004" / "bigmodel_meta.json").read_text())
@@ -76,7 +58,7 @@ def test_two_nodes_zero3_every_node_takes_part(slurm_cluster, tmp_path, data_cac
                           "--train.max_steps=3", "--deepspeed.config=zero3",
                           f"--resilience.health_check={str(health_check).lower()}"))
     run_dir = tmp_path / "two"
-    assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
+    assert wait_for_job(job) == "COMPLETED", _log(run_dir, job)[-3000:]
     meta = json.loads((run_dir / "checkpoints" / "step_00000003" / "bigmodel_meta.json").read_text())
     assert meta["world_size"] == 2 and meta["zero_stage"] == 3
     assert {f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(2)} <= set(meta["files"])
@@ -121,13 +103,13 @@ def test_a_bad_node_and_a_hang_are_each_requeued_elsewhere_and_finish(slurm_clus
                            "--nodes=1", "--nproc-per-node=2", "--name=hang", "--train.max_steps=4",
                            "--checkpoint.every=2", "--resilience.hang_timeout_s=5"))
     bad_dir, hang_dir = tmp_path / "bad", tmp_path / "hang"
-    assert _wait(bad) == "COMPLETED", _log(bad_dir, bad)[-3000:]
-    assert _wait(hang) == "COMPLETED", _log(hang_dir, hang)[-3000:]
+    assert wait_for_job(bad) == "COMPLETED", _log(bad_dir, bad)[-3000:]
+    assert wait_for_job(hang) == "COMPLETED", _log(hang_dir, hang)[-3000:]
 
     log = _log(bad_dir, bad)
     first, other = _first_and_other_node(log, bad)
     assert re.search(rf"health check: BAD rank 1 on host {first}", log), log[-3000:]
-    assert _job_field(bad, "Restarts") == "1" and _job_field(bad, "ExcNodeList") == first
+    assert job_field(bad, "Restarts") == "1" and job_field(bad, "ExcNodeList") == first
     assert f"job {bad} (restart 1) on {other}" in log and "health check: 2 rank(s) of one node healthy" in log
     assert (bad_dir / "logs" / f"suspect-nodes-{bad}-0.txt").read_text() == f"{first}\n"
     assert json.loads((bad_dir / "COMPLETED").read_text())["step"] == 2
@@ -136,7 +118,7 @@ def test_a_bad_node_and_a_hang_are_each_requeued_elsewhere_and_finish(slurm_clus
     log = _log(hang_dir, hang)
     first, other = _first_and_other_node(log, hang)
     assert "hang: no progress on this node" in log and "behind the others: rank(s) 1" in log, log[-3000:]
-    assert _job_field(hang, "Restarts") == "1" and _job_field(hang, "ExcNodeList") == first
+    assert job_field(hang, "Restarts") == "1" and job_field(hang, "ExcNodeList") == first
     assert f"job {hang} (restart 1) on {other}" in log and "at step 2" in log
     (folder,) = (hang_dir / "logs").glob(f"hang-*-{first}")
     assert "_sleep_for_ever" in (folder / "rank-1.stacks.txt").read_text()
@@ -151,10 +133,8 @@ PREEMPTIONS = {  # run name: how the running job is stopped
 
 
 def _wait_for_losses(metrics: Path, count: int) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not (metrics.exists() and metrics.read_text().count('"loss"') >= count):
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.5)
+    wait_until(lambda: metrics.exists() and metrics.read_text().count('"loss"') >= count,
+               f"{count} losses in {metrics} (training started)", interval=0.5)
 
 
 def test_preempted_jobs_requeue_resume_and_match_the_straight_run(slurm_cluster, tmp_path, data_cache, cli_env,
@@ -168,8 +148,8 @@ def test_preempted_jobs_requeue_resume_and_match_the_straight_run(slurm_cluster,
     straight = [loss for _, loss in sorted(straight_losses(2).items())]
     for name, job in jobs.items():
         run_dir = tmp_path / name
-        assert _wait(job) == "COMPLETED", _log(run_dir, job)[-3000:]
-        assert _job_field(job, "Restarts") == "1", name  # SLURM_RESTART_COUNT=1 in the second run
+        assert wait_for_job(job) == "COMPLETED", _log(run_dir, job)[-3000:]
+        assert job_field(job, "Restarts") == "1", name  # SLURM_RESTART_COUNT=1 in the second run
         stopped = json.loads((run_dir / "STOPPED").read_text())
         log = _log(run_dir, job)  # --open-mode=append: both runs in one file
         assert f"at step {stopped['step']}" in log and "restart 1" in log, name
@@ -196,18 +176,18 @@ def test_scancel_saves_and_ends_the_job_without_a_requeue(slurm_cluster, tmp_pat
     run_dir = tmp_path / "cancelled"
     _wait_for_losses(run_dir / "metrics.jsonl", 3)
     subprocess.run(["scancel", job], check=True)
-    assert _wait(job) == "CANCELLED"
-    guard = time.monotonic() + HANG_GUARD_S  # the batch shell's last line comes after the save
-    while "not requeueing" not in _log(run_dir, job):
-        assert time.monotonic() < guard, _log(run_dir, job)[-3000:]
-        time.sleep(0.5)
+    assert wait_for_job(job) == "CANCELLED"
+    try:  # the batch shell's last line comes after the save
+        wait_until(lambda: "not requeueing" in _log(run_dir, job), "the batch shell's last line", interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{_log(run_dir, job)[-3000:]}") from None
     log = _log(run_dir, job)
     assert f"batch: job {job} cancelled (scancel): saved what was new, not requeueing" in log, log[-3000:]
     assert "requeueing job" not in log and "Traceback" not in log, log[-3000:]
     stopped = json.loads((run_dir / "STOPPED").read_text())
     assert 3 <= stopped["step"] < 400
     assert (run_dir / "checkpoints" / f"step_{stopped['step']:08d}" / "bigmodel_meta.json").is_file()
-    assert _job_field(job, "Restarts") == "0" and _job_field(job, "JobState") == "CANCELLED"
+    assert job_field(job, "Restarts") == "0" and job_field(job, "JobState") == "CANCELLED"
 
 
 def test_bad_submissions_fail_clearly_without_requeue(slurm_cluster, tmp_path, data_cache, cli_env):
@@ -217,15 +197,15 @@ def test_bad_submissions_fail_clearly_without_requeue(slurm_cluster, tmp_path, d
     # a config the run name's checkpoints were not written with: pre-flight stops it, no requeue
     first = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=1", "--name=same",
                             "--train.max_steps=2"))
-    assert _wait(first) == "COMPLETED"
+    assert wait_for_job(first) == "COMPLETED"
     other = _job_id(_submit(tmp_path, data_cache, cli_env, "--nodes=1", "--nproc-per-node=1", "--name=same",
                             "--train.max_steps=4", "--model.vocab_size=1024"))
-    assert _wait(other) == "FAILED"
-    assert _job_field(other, "Restarts") == "0"
+    assert wait_for_job(other) == "FAILED"
+    assert job_field(other, "Restarts") == "0"
     assert "bigmodel: error:" in _log(tmp_path / "same", other) and "vocab_size" in _log(tmp_path / "same", other)
     # no config argument at all: the script's own one-line usage error
     bare = run_command(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={tmp_path}/bare-%j.out",
                         str(REPO / "slurm" / "pretrain_gpt.sh")], env=cli_env)
     job = bare.stdout.strip()
-    assert _wait(job) == "FAILED"
+    assert wait_for_job(job) == "FAILED"
     assert "no config" in (tmp_path / f"bare-{job}.out").read_text()

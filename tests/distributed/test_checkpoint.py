@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY
-from tests.helpers.cli import TINY_CONFIG, assert_one_line_error, run_cli
+from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli
 from tests.helpers.spawn import run_distributed, run_until_a_rank_dies
 from tests.helpers.workers import train_and_collect, train_and_crash
 

@@ -17,7 +17,7 @@ import pytest
 
 from bigmodel_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from tests.conftest import TINY
-from tests.helpers.cli import TINY_CONFIG, run_cli
+from tests.helpers.commands import TINY_CONFIG, run_cli
 from tests.helpers.spawn import run_distributed
 from tests.helpers.workers import train_and_collect
 

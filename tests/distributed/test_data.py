@@ -15,12 +15,12 @@ from bigmodel_dist.config import load_config
 from bigmodel_dist.config.layout import BatchLayout
 from bigmodel_dist.core.errors import UserInputError
 from bigmodel_dist.core.fileio import file_checksum
+from bigmodel_dist.data.batch_loader import BatchLoader, micro_batch
 from bigmodel_dist.data.dataset import PackedDataset
-from bigmodel_dist.data.loader import BatchLoader, micro_batch
 from bigmodel_dist.data.prepare import prepare_data
 from bigmodel_dist.data.sampler import ShuffledOrder
 from tests.conftest import REPO
-from tests.helpers.cli import ERROR_PREFIX, TINY_CONFIG, assert_one_line_error, run_cli, run_command
+from tests.helpers.commands import ERROR_PREFIX, TINY_CONFIG, assert_one_line_error, run_cli, run_command
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

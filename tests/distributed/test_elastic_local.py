@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,9 @@ from bigmodel_dist.metrics.jsonl import read_metrics
 from launcher.local.launch import child_pids
 from launcher.ports import free_port
 from tests.conftest import TINY
-from tests.helpers.cli import TINY_CONFIG, assert_one_line_error, cli_command, run_cli
-from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, cli_command, run_cli
 from tests.helpers.launching import Launch
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.distributed
 
@@ -55,15 +54,6 @@ def _listener_of(port: int) -> int | None:
     return None
 
 
-def _wait_until(done, what: str, *launches: Launch) -> None:
-    guard = time.monotonic() + HANG_GUARD_S
-    while not done():
-        for launch in launches:
-            assert launch.proc.poll() is None, f"a node ended before {what}:\n{launch.output[-6000:]}"
-        assert time.monotonic() < guard, f"no {what} within the hang guard"
-        time.sleep(0.1)
-
-
 def _world_of(checkpoint: Path) -> int | None:
     try:
         return json.loads((checkpoint / "bigmodel_meta.json").read_text())["world_size"]
@@ -83,8 +73,8 @@ def test_a_node_that_dies_leaves_and_the_other_finishes_at_the_smaller_size(tmp_
     nodes = [Launch(command, env), Launch(command, env)]
     try:
         # a checkpoint written by the two nodes together (if one came late, torchrun restarted to take it in)
-        _wait_until(lambda: any(_world_of(p) == 2 for p in (run_dir / "checkpoints").glob("step_*")),
-                    "a checkpoint of world size 2", *nodes)
+        wait_until(lambda: any(_world_of(p) == 2 for p in (run_dir / "checkpoints").glob("step_*")),
+                   "a checkpoint of world size 2", alive=nodes, interval=0.1)
         host = _listener_of(port)  # the node hosting the rendezvous store must stay (c10d backend)
         victim = next(node for node in nodes if host not in _tree(node.proc.pid))
         survivor = next(node for node in nodes if node is not victim)

@@ -13,7 +13,7 @@ import pytest
 
 from bigmodel_dist.checkpoint.integrity import DS_TAG
 from tests.conftest import TINY
-from tests.helpers.cli import assert_one_line_error, run_cli, run_command
+from tests.helpers.commands import assert_one_line_error, run_cli, run_command
 from tests.helpers.spawn import run_distributed
 from tests.helpers.workers import train_and_collect
 

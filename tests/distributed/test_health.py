@@ -11,7 +11,7 @@ import pytest
 from bigmodel_dist.core.env import ALLOW_FAULTS, FAULTS, SUSPECT_NODES_FILE
 from bigmodel_dist.ft.health import RankHealth, allreduce_bandwidth, host_memory, judge
 from bigmodel_dist.metrics.jsonl import read_metrics
-from tests.helpers.cli import TINY_CONFIG, assert_one_line_error, run_cli
+from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli
 
 GIB = 2**30
 

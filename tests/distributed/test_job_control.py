@@ -23,9 +23,10 @@ import pytest
 from bigmodel_dist.core.errors import EXIT_RUN_FAILED, UserInputError
 from bigmodel_dist.core.run_dir import RunDir
 from tests.conftest import RESUME_RUN, RESUME_STEPS
-from tests.helpers.cli import assert_one_line_error, run_command
+from tests.helpers.commands import assert_one_line_error, run_command
 from tests.helpers.guards import HANG_GUARD_S
 from tests.helpers.launching import Launch, launch_local_command, losses, wait_for_step
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.distributed
 
@@ -108,10 +109,10 @@ def test_a_closed_terminal_saves_and_leaves_no_worker_unsupervised(tmp_path, dat
     reader = threading.Thread(target=terminal, daemon=True)
     reader.start()
     run_dir = tmp_path / "hangup"
-    guard = time.monotonic() + HANG_GUARD_S
-    while _last_step(run_dir / "metrics.jsonl") < 3:
-        assert proc.poll() is None and time.monotonic() < guard, b"".join(shown)[-4000:].decode()
-        time.sleep(0.05)
+    try:
+        wait_until(lambda: _last_step(run_dir / "metrics.jsonl") >= 3, "step 3 logged", alive=[proc])
+    except AssertionError as exc:  # with what the terminal showed (the run's output is our pipe, read above)
+        raise AssertionError(f"{exc}:\n{b''.join(shown)[-4000:].decode()}") from None
     os.killpg(proc.pid, signal.SIGHUP)  # the terminal's session leader is gone: its process group hears it
     hung_up.set()
     reader.join()

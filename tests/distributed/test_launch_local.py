@@ -10,7 +10,7 @@ import yaml
 
 from bigmodel_dist.checkpoint.integrity import DS_TAG
 from tests.conftest import REPO
-from tests.helpers.cli import TINY_CONFIG, run_cli, run_command
+from tests.helpers.commands import TINY_CONFIG, run_cli, run_command
 
 pytestmark = pytest.mark.distributed
 

@@ -19,7 +19,7 @@ from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.metrics.jsonl import read_metrics
 from bigmodel_dist.training.lr_schedule import lr_at
 from tests.conftest import TINY
-from tests.helpers.cli import TINY_CONFIG, cli_command
+from tests.helpers.commands import TINY_CONFIG, cli_command
 from tests.helpers.launching import Launch, losses, wait_for_step
 
 TOKENS_PER_STEP = 8 * 128  # TINY: global batch 8 x seq_len 128, on any number of ranks

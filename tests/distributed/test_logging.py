@@ -10,7 +10,7 @@ import pytest
 
 from bigmodel_dist.metrics.jsonl import read_metrics
 from tests.conftest import TINY
-from tests.helpers.cli import TINY_CONFIG, run_cli
+from tests.helpers.commands import TINY_CONFIG, run_cli
 from tests.helpers.spawn import run_distributed, run_until_a_rank_dies
 from tests.helpers.workers import train_and_collect, train_and_crash
 

@@ -15,7 +15,7 @@ from bigmodel_dist.data.mixture import MixtureReader, MixtureSchedule, Segment, 
 from bigmodel_dist.data.sampler import ShuffledOrder
 from bigmodel_dist.metrics.jsonl import read_metrics
 from tests.conftest import TINY
-from tests.helpers.cli import TINY_CONFIG, assert_one_line_error, run_cli
+from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli
 from tests.helpers.spawn import run_distributed
 from tests.helpers.workers import train_and_collect
 

@@ -8,7 +8,6 @@ The same on real clusters: tests/cluster/test_prepare_ray.py (Ray tasks) and tes
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -28,8 +27,8 @@ from bigmodel_dist.data.prepare_plan import (
 from bigmodel_dist.run.resolve import resolve_run
 from launcher.slurm.prepare import inherited_options, num_tasks
 from tests.conftest import REPO
-from tests.helpers.cli import TINY_CONFIG, assert_one_line_error, run_cli
-from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli
+from tests.helpers.launching import Launch
 from tests.helpers.prepare_cases import files_of, make_corpus, overrides, prepare_locally, stamps_of
 
 
@@ -53,13 +52,13 @@ def test_array_tasks_in_other_processes_write_the_single_machine_bytes(case, tmp
     assert Plan.from_json(plans[0].to_json()) == plans[0]
     plans_file = tmp_path / "plans.json"
     save_plans(plans_file, plans, all_units(plans), num_tasks=3)
-    tasks = [subprocess.Popen([sys.executable, "-m", "launcher.slurm.prepare", "--script", "unused", "--write-shards",
-                               str(plans_file)], cwd=tmp_path, env={**os.environ, "SLURM_ARRAY_TASK_ID": str(task)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tasks = [Launch([sys.executable, "-m", "launcher.slurm.prepare", "--script", "unused", "--write-shards",
+                     str(plans_file)], {**os.environ, "SLURM_ARRAY_TASK_ID": str(task)}, cwd=tmp_path)
              for task in (2, 1, 0)]  # from another directory, last chunk first, at once
     for task in tasks:
-        output, _ = task.communicate(timeout=HANG_GUARD_S)
-        assert task.returncode == 0, output[-3000:]
+        code = task.finish()
+        output = task.output
+        assert code == 0, output[-3000:]
     assert not (tmp_path / "split" / "meta.json").exists()  # only finalize writes it
     finalize(plans[0])
     assert files_of(tmp_path / "split") == files_of(reference)

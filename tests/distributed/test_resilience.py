@@ -16,7 +16,7 @@ from bigmodel_dist.config.schema import ResilienceConfig
 from bigmodel_dist.core.env import ALLOW_FAULTS, FAULTS
 from bigmodel_dist.metrics.jsonl import read_metrics
 from tests.conftest import TINY
-from tests.helpers.cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
+from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 from tests.helpers.launching import launch_local_command, losses
 from tests.helpers.spawn import exit_codes, run_distributed
 from tests.helpers.workers import skip_one_step, train_and_collect, train_watching_self
@@ -191,12 +191,12 @@ def _comparable(state: dict) -> dict:
 
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"),
                                               (2, "bf16")])
-def test_a_skipped_step_changes_no_parameter_at_any_zero_stage(tmp_path, data_cache, monkeypatch, stage, precision):
+def test_a_skipped_step_changes_no_parameter_at_any_zero_stage(tiny_overrides, monkeypatch, stage, precision):
     monkeypatch.setenv(FAULTS, f"nan:samples={GLOBAL_BATCH}-{2 * GLOBAL_BATCH}")  # step 2's samples
     monkeypatch.setenv(ALLOW_FAULTS, "1")
-    rank0, _ = run_distributed(skip_one_step, 2, [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
-                                                  "--train.eval_every=0", "--checkpoint.every=0", "--name=skip",
-                                                  f"--deepspeed.zero_stage={stage}", f"--train.precision={precision}"])
+    rank0, _ = run_distributed(skip_one_step, 2, [*tiny_overrides, "--train.eval_every=0", "--checkpoint.every=0",
+                                                  "--name=skip", f"--deepspeed.zero_stage={stage}",
+                                                  f"--train.precision={precision}"])
     assert rank0["skipped"] == 1
     before, after = rank0["before"], rank0["after"]
     assert before["params"].keys() == after["params"].keys()

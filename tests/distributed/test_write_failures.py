@@ -10,7 +10,7 @@ import pytest
 from bigmodel_dist.checkpoint.integrity import check_files, read_checkpoint_meta, step_dirs
 from bigmodel_dist.core.errors import EXIT_RUN_FAILED
 from tests.conftest import TINY
-from tests.helpers.cli import ERROR_PREFIX, run_command
+from tests.helpers.commands import ERROR_PREFIX, run_command
 from tests.helpers.launching import launch_local_command
 
 # One checkpoint of the tiny model at ZeRO-2 is ~9.2 MiB (two ranks' optimizer shards, model states,

@@ -1,1 +1,2 @@
-"""What the tests share: the spawn harness, the CLI runner, launch and wait helpers, the ranks' worker functions."""
+"""What the tests share: the spawn harness, the CLI runner, launch and wait helpers (one poll:
+waiting.wait_until), Slurm job polling, the ranks' worker functions."""

@@ -1,7 +1,9 @@
-"""`bigmodel launch local` as a test drives it: start, wait for a log line or a file, signal, collect.
+"""`bigmodel launch local` (or any long-running command) as a test drives it: start, wait for a log line
+or a file, signal, collect.
 
 Every wait is on an event (a line the run prints, a file it writes, its exit) with HANG_GUARD_S only as
-a guard against a hang, so the tests hold on machines of any speed.
+a guard against a hang, so the tests hold on machines of any speed; polls go through
+tests/helpers/waiting.py's `wait_until`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import time
 from pathlib import Path
 
 from tests.conftest import REPO
-from tests.helpers.cli import TINY_CONFIG, cli_command
+from tests.helpers.commands import TINY_CONFIG, cli_command
 from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.waiting import wait_until
 
 
 def launch_local_command(*overrides: str) -> list[str]:
@@ -24,10 +27,11 @@ def launch_local_command(*overrides: str) -> list[str]:
 
 
 class Launch:
-    """A running `launch local` whose output (stdout and stderr together) is read line by line."""
+    """A running command (`launch local`, `launch ray`, ...) whose output (stdout and stderr together) is
+    read line by line; `cwd`: where it runs (the repository unless given)."""
 
-    def __init__(self, command: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path | str = REPO):
+        self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: list[str] = []
         self._new: queue.Queue[str | None] = queue.Queue()
@@ -67,19 +71,30 @@ class Launch:
         self._new.put(None)
         return code
 
+    def _take_ready(self) -> None:
+        """Move the lines read so far into `lines`, without waiting for more."""
+        while True:
+            try:
+                line = self._new.get_nowait()
+            except queue.Empty:
+                return
+            if line is None:
+                self._new.put(None)
+                return
+            self.lines.append(line)
+
     @property
     def output(self) -> str:
+        """What the command printed so far (all of it once `finish` returned)."""
+        self._take_ready()
         return "".join(self.lines)
 
 
 def wait_for_step(launch: Launch, metrics: Path, step: int) -> None:
     """Until rank 0 logged `step` (metrics.jsonl), or fail if the run ends first."""
-    guard = time.monotonic() + HANG_GUARD_S
-    while not (metrics.exists() and any(json.loads(line).get("step", 0) >= step
-                                        for line in metrics.read_text().splitlines())):
-        assert launch.proc.poll() is None, f"run ended before step {step}:\n{launch.output[-4000:]}"
-        assert time.monotonic() < guard, f"step {step} not logged within the hang guard"
-        time.sleep(0.05)
+    wait_until(lambda: metrics.exists() and any(json.loads(line).get("step", 0) >= step
+                                                for line in metrics.read_text().splitlines()),
+               f"step {step} logged", alive=[launch])
 
 
 def losses(run_dir: Path) -> dict[int, float]:

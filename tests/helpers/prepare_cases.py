@@ -9,7 +9,7 @@ from pathlib import Path
 from bigmodel_dist.config import load_config
 from bigmodel_dist.data.prepare import prepare_for_run
 from bigmodel_dist.run.resolve import resolve_run
-from tests.helpers.cli import TINY_CONFIG
+from tests.helpers.commands import TINY_CONFIG
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ("json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "shlex.py", "fnmatch.py", "argparse.py",

@@ -11,26 +11,25 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from bigmodel_dist.metrics.jsonl import read_metrics
-from tests.cluster.test_slurm import _job_field, _wait
-from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.slurm_jobs import job_field, wait_for_job
+from tests.helpers.waiting import wait_until
 from tests.journeys.fresh_clone import fresh_clone, user_env
 
 pytestmark = pytest.mark.distributed
 EVERY, STEPS = 5, 20
 
 
-def _wait_for(path: Path, what: str, job: str) -> None:
-    guard = time.monotonic() + HANG_GUARD_S
-    while not path.exists():
-        assert _job_field(job, "JobState") in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} ended before {what}"
-        assert time.monotonic() < guard, f"{what} not written within the hang guard"
-        time.sleep(0.5)
+def _written_while_running(path: Path, job: str) -> bool:
+    """Whether `path` exists; fails once the job has left its running states without writing it."""
+    if path.exists():
+        return True
+    assert job_field(job, "JobState") in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} ended before {path}"
+    return False
 
 
 def _prepare_job(clone: Path) -> str:
@@ -42,11 +41,11 @@ def _prepare_job(clone: Path) -> str:
 
 
 def _check_prepared(clone: Path, plan_job: str) -> None:
-    assert _wait(plan_job) == "COMPLETED"
+    assert wait_for_job(plan_job) == "COMPLETED"
     log = (clone / f"slurm-bigmodel-prepare-{plan_job}.out").read_text()  # its own --output, relative
     final = re.search(r"array job \d+, finalize job (\d+)", log)
     assert final, log[-3000:]
-    assert _wait(final[1]) == "COMPLETED", log[-3000:]
+    assert wait_for_job(final[1]) == "COMPLETED", log[-3000:]
     (meta,) = (clone / "runs" / ".cache").glob("prepared-*/meta.json")  # under the submit dir's `runs`
     assert json.loads(meta.read_text())["num_train_sequences"] > 0
 
@@ -63,12 +62,13 @@ def test_sbatch_as_printed_saves_is_preempted_requeued_and_finishes(slurm_cluste
     run_dir = clone / "runs" / "gpt2-tiny"
     log_file = clone / f"slurm-bigmodel-pretrain-{job}.out"  # the script's own --output, in the submit dir
 
-    _wait_for(run_dir / "checkpoints" / f"step_{EVERY:08d}" / "bigmodel_meta.json", "the first checkpoint", job)
+    first_checkpoint = run_dir / "checkpoints" / f"step_{EVERY:08d}" / "bigmodel_meta.json"
+    wait_until(lambda: _written_while_running(first_checkpoint, job), "the first checkpoint", interval=0.5)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # what --signal=B:USR1@300 sends
-    state = _wait(job)
+    state = wait_for_job(job)
     log = log_file.read_text()
     assert state == "COMPLETED", log[-4000:]
-    assert _job_field(job, "Restarts") == "1", log[-4000:]
+    assert job_field(job, "Restarts") == "1", log[-4000:]
     assert "Traceback" not in log, log[-4000:]
     stopped = json.loads((run_dir / "STOPPED").read_text())
     assert EVERY <= stopped["step"] < STEPS

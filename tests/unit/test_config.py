@@ -13,7 +13,7 @@ from bigmodel_dist.config import Config, load_config
 from bigmodel_dist.core.errors import ConfigError, UserInputError
 from bigmodel_dist.run.resolve import resolve_run
 from tests.conftest import REPO
-from tests.helpers.cli import TINY_CONFIG, assert_one_line_error, run_cli, run_command
+from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 
 SHIPPED_RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

@@ -20,7 +20,7 @@ from bigmodel_dist.run.planner import (
 )
 from bigmodel_dist.run.resolve import resolve_run
 from tests.conftest import REPO
-from tests.helpers.cli import assert_one_line_error, run_cli
+from tests.helpers.commands import assert_one_line_error, run_cli
 
 PSI = 1_000_000
 

@@ -30,7 +30,7 @@ from launcher.ray.stop import (
 from launcher.ray.submit import check_upload_size, finished_job_exit_code, submit_command, upload_size
 from launcher.ray.worker import BACKFILL_KEY, resume_choice
 from tests.conftest import REPO
-from tests.helpers.guards import HANG_GUARD_S
+from tests.helpers.waiting import wait_until
 
 
 def _committed(run_dir: Path, step: int) -> Path:
@@ -159,10 +159,7 @@ def test_ray_drain_notice_becomes_a_stop_request(tmp_path):
         return notices.pop(0) if notices else SimpleNamespace(preempted_node_ids=["ab12"], deadline_ms=deadline_ms)
 
     watcher = DrainWatcher(stop_file, read_notice, poll_s=0.01).start()
-    give_up = time.monotonic() + HANG_GUARD_S
-    while not stop_file.exists():
-        assert time.monotonic() < give_up, "the drain notice never became a stop request"
-        time.sleep(0.01)
+    wait_until(stop_file.exists, "the drain notice's stop request", interval=0.01)
     watcher.close()
     assert not notices
     assert stop_reason(stop_file).startswith("Ray drains node(s) ['ab12'] (preemption), ")
@@ -220,9 +217,7 @@ def test_the_grow_watcher_asks_for_a_stop_only_once_its_group_is_placed_and_a_la
         time.sleep(0.2)
         assert not stop_file.exists()
         placed["yes"] = True
-        deadline = time.monotonic() + 30  # guard only: the watcher polls every 10 ms
-        while not stop_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(stop_file.exists, "the grow's stop request", interval=0.01, guard=30)  # it polls every 10 ms
     finally:
         watcher.close()
     assert stop_reason(stop_file) == "grow from 2 to 4 workers" and watcher.target == 4
