@@ -52,9 +52,14 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data-cache")
 
 
+def tiny_run(output_dir: Path, data_cache: Path) -> list[str]:
+    """The overrides of a tiny run writing under `output_dir` with the session's data cache."""
+    return [*TINY, f"--output_dir={output_dir}", f"--data.cache_dir={data_cache}"]
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path, data_cache) -> list[str]:
-    return [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}"]
+    return tiny_run(tmp_path, data_cache)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from bigmodel_dist.core.env import SAMPLE_LEDGER
 from bigmodel_dist.data.ledger import samples_by_step
 from bigmodel_dist.metrics.jsonl import read_metrics
 from tests.cluster.ray_cluster import job_env, kill_node, netns_prefix, start_node
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, tiny_run
 from tests.helpers.commands import assert_one_line_error, cli_command, run_cli
 from tests.helpers.launching import Launch
 from tests.helpers.spawn import run_distributed
@@ -33,7 +33,7 @@ SLOT = "elastic_slot"
 
 
 def _overrides(out: Path, data_cache: Path, name: str) -> list[str]:
-    return [*TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache}", f"--name={name}",
+    return [*tiny_run(out, data_cache), f"--name={name}",
             "--train.precision=fp32", f"--train.max_steps={STEPS}", f"--checkpoint.every={EVERY}",
             "--train.eval_every=0", "--model.dropout=0.0", "--deepspeed.config=zero2"]
 

@@ -12,7 +12,7 @@ import pytest
 
 from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.metrics.jsonl import read_metrics
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, tiny_run
 from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 from tests.helpers.slurm_jobs import job_field, wait_for_job
 from tests.helpers.waiting import wait_until
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.distributed
 def _submit(tmp_path: Path, data_cache: Path, env, *args: str) -> subprocess.CompletedProcess:
     """`bigmodel launch slurm` of the tiny run; `args`: its flags and overrides. The node health check
     (seconds per attempt) is off unless a test turns it on: the tests that are about it do."""
-    return run_cli(["launch", "slurm", TINY_CONFIG, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+    return run_cli(["launch", "slurm", TINY_CONFIG, *tiny_run(tmp_path, data_cache),
                     "--train.eval_every=0", "--logging.wandb_mode=disabled", "--resilience.health_check=false",
                     *args], env=env)
 

@@ -11,7 +11,7 @@ import pytest
 from bigmodel_dist.core.env import SAMPLE_LEDGER
 from bigmodel_dist.data.ledger import samples_by_step
 from bigmodel_dist.metrics.jsonl import read_metrics
-from tests.conftest import TINY
+from tests.conftest import tiny_run
 from tests.helpers.spawn import run_distributed
 from tests.helpers.workers import train_and_collect
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.distributed
 
 def test_a_larger_batch_on_resume_goes_on_from_the_same_sample(tmp_path, data_cache, monkeypatch):
     monkeypatch.setenv(SAMPLE_LEDGER, str(tmp_path / "ledger"))  # every rank's samples, per step
-    base = [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=ramp",
+    base = [*tiny_run(tmp_path, data_cache), "--name=ramp",
             "--train.eval_every=0", "--checkpoint.every=3", "--train.precision=fp32"]
     run_distributed(train_and_collect, 2, [*base, "--train.max_steps=3"])  # 8 sequences a step
     second = run_distributed(train_and_collect, 2, [*base, "--train.max_steps=5", "--train.global_batch_size=16"])[0]

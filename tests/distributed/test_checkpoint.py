@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import tiny_run
 from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli
 from tests.helpers.spawn import run_distributed, run_until_a_rank_dies
 from tests.helpers.workers import train_and_collect, train_and_crash
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.distributed
 
 
 def _overrides(tmp_path: Path, data_cache: Path, steps: int, **extra) -> list[str]:
-    return [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=run",
+    return [*tiny_run(tmp_path, data_cache), "--name=run",
             "--deepspeed.config=zero2", "--train.eval_every=0", "--checkpoint.every=2", f"--train.max_steps={steps}",
             *[f"--{k}={v}" for k, v in extra.items()]]
 
@@ -66,7 +66,7 @@ def test_retention_keeps_last_n_and_every_kth(tmp_path, data_cache):
 
 
 def test_bad_checkpoints_and_mismatched_configs_are_refused(tmp_path, data_cache, cli_env):
-    base = ["train", TINY_CONFIG, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=run",
+    base = ["train", TINY_CONFIG, *tiny_run(tmp_path, data_cache), "--name=run",
             "--train.eval_every=0"]
     first = run_cli([*base, "--train.max_steps=2"], cwd=tmp_path, env=cli_env)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -18,7 +18,7 @@ from bigmodel_dist.checkpoint.integrity import DS_TAG
 from bigmodel_dist.config.schema import OptimConfig
 from bigmodel_dist.metrics.jsonl import read_metrics
 from bigmodel_dist.training.lr_schedule import lr_at
-from tests.conftest import TINY
+from tests.conftest import tiny_run
 from tests.helpers.commands import TINY_CONFIG, cli_command
 from tests.helpers.launching import Launch, losses, wait_for_step
 
@@ -73,7 +73,7 @@ def test_max_tokens_ends_the_run_at_the_first_step_past_it_with_the_scheduled_lr
     from tests.helpers.workers import train_and_collect
 
     max_steps, warmup = 10, 3
-    overrides = [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=budget",
+    overrides = [*tiny_run(tmp_path, data_cache), "--name=budget",
                  "--deepspeed.config=zero2", "--train.eval_every=0", "--checkpoint.every=0",
                  f"--train.max_steps={max_steps}", f"--train.max_tokens={5 * TOKENS_PER_STEP + 1}",
                  "--optim.lr=1e-3", "--optim.min_lr=1e-4", f"--optim.warmup_steps={warmup}"]
@@ -133,7 +133,7 @@ def test_the_time_limit_stops_with_a_checkpoint_and_the_requeue_code(tmp_path, d
     requeue = 75  # not the default 85: the configured code is the one used
     max_steps = 200  # far more than the steps between the clock's jump and the stop
     run_dir = tmp_path / "late"
-    base = ["train", TINY_CONFIG, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=late",
+    base = ["train", TINY_CONFIG, *tiny_run(tmp_path, data_cache), "--name=late",
             "--train.eval_every=0", "--checkpoint.every=0", f"--train.max_steps={max_steps}",
             "--checkpoint.time_limit_margin_s=600", f"--checkpoint.requeue_exit_code={requeue}"]
     env, jump = _with_clock(tmp_path, cli_env)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bigmodel_dist.metrics.jsonl import read_metrics
-from tests.conftest import TINY
+from tests.conftest import tiny_run
 from tests.helpers.commands import TINY_CONFIG, run_cli
 from tests.helpers.spawn import run_distributed, run_until_a_rank_dies
 from tests.helpers.workers import train_and_collect, train_and_crash
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.distributed
 
 
 def _overrides(tmp_path: Path, data_cache: Path, steps: int, *extra: str) -> list[str]:
-    return [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=run", "--train.eval_every=4",
+    return [*tiny_run(tmp_path, data_cache), "--name=run", "--train.eval_every=4",
             "--checkpoint.every=3", f"--train.max_steps={steps}", "--logging.wandb_mode=offline", *extra]
 
 

@@ -14,7 +14,7 @@ from bigmodel_dist.core.quotas import apportion
 from bigmodel_dist.data.mixture import MixtureReader, MixtureSchedule, Segment, budgets_in_sequences
 from bigmodel_dist.data.sampler import ShuffledOrder
 from bigmodel_dist.metrics.jsonl import read_metrics
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_run
 from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli
 from tests.helpers.spawn import run_distributed
 from tests.helpers.workers import train_and_collect
@@ -104,7 +104,7 @@ def _mixture(*weights: float, small: bool = False, budgets: tuple[str, ...] = ("
 
 
 def _run(tmp_path, data_cache, *extra: str) -> list[str]:
-    return [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--name=mix", "--train.eval_every=0",
+    return [*tiny_run(tmp_path, data_cache), "--name=mix", "--train.eval_every=0",
             "--data.mixture_window=8", "--train.max_steps=6", "--logging.wandb_mode=disabled", "--model.dropout=0.0",
             "--train.precision=fp32", *extra]
 
@@ -214,7 +214,7 @@ def test_local_datasets_sources_are_read_with_the_datasets_api(tmp_path, data_ca
                                                  map(__import__("json").dumps, texts * 4)))
     items = ", ".join(f"{{name: {n}, paths: [{p}], weight: 1, text_column: content}}" for n, p in
                       (("saved", tmp_path / "saved"), ("arrow", arrow_file), ("rows", tmp_path / "rows.jsonl")))
-    result = run_cli(["prepare", TINY_CONFIG, *TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+    result = run_cli(["prepare", TINY_CONFIG, *tiny_run(tmp_path, data_cache),
                       f"--data.sources=[{items}]", "--data.val_fraction=0.1"], env=cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("source ")]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import tiny_run
 from tests.helpers.spawn import run_distributed
 from tests.helpers.workers import train_and_collect
 
@@ -22,7 +22,7 @@ TOLERANCE = 1e-4
 
 
 def _overrides(tmp_path: Path, data_cache: Path, name: str, stage: int, steps: int) -> list[str]:
-    return [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", f"--name={name}",
+    return [*tiny_run(tmp_path, data_cache), f"--name={name}",
             f"--deepspeed.config=zero{stage}", "--train.eval_every=0", "--checkpoint.every=3",
             f"--train.max_steps={steps}", "--train.precision=fp32", "--model.dropout=0.0"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import tiny_run
 from tests.helpers.spawn import run_distributed
 from tests.helpers.workers import load_each_then_train, train_then_collect_state
 
@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def _overrides(out: Path, data_cache: Path, name: str, precision: str, stage: int, steps: int) -> list[str]:
-    return [*TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache}", f"--name={name}",
+    return [*tiny_run(out, data_cache), f"--name={name}",
             f"--deepspeed.config=zero{stage}", f"--train.precision={precision}", "--model.dropout=0.0",
             "--train.eval_every=0", "--checkpoint.every=1", f"--train.max_steps={steps}"]
 

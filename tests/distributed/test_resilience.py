@@ -15,7 +15,7 @@ from bigmodel_dist.checkpoint.integrity import read_checkpoint_meta, step_dir_na
 from bigmodel_dist.config.schema import ResilienceConfig
 from bigmodel_dist.core.env import ALLOW_FAULTS, FAULTS
 from bigmodel_dist.metrics.jsonl import read_metrics
-from tests.conftest import TINY
+from tests.conftest import tiny_run
 from tests.helpers.commands import TINY_CONFIG, assert_one_line_error, run_cli, run_command
 from tests.helpers.launching import launch_local_command, losses
 from tests.helpers.spawn import exit_codes, run_distributed
@@ -31,7 +31,7 @@ def _faulty(env: dict[str, str], faults: str) -> dict[str, str]:
 
 
 def _launch(tmp_path, data_cache, env, *overrides: str):
-    return run_command(launch_local_command(*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+    return run_command(launch_local_command(*tiny_run(tmp_path, data_cache),
                                             "--train.eval_every=0", *overrides), env=env)
 
 
@@ -69,7 +69,7 @@ def test_a_rank_watching_itself_ends_with_the_hang_code_and_its_stacks(tmp_path,
     own stacks and exits 86, which Ray answers by restarting the group from the last checkpoint."""
     monkeypatch.setenv(FAULTS, "hang:rank=1,step=3")
     monkeypatch.setenv(ALLOW_FAULTS, "1")
-    codes = exit_codes(train_watching_self, 2, [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}",
+    codes = exit_codes(train_watching_self, 2, [*tiny_run(tmp_path, data_cache),
                                                 "--train.max_steps=6", "--train.eval_every=0", "--name=run",
                                                 f"--resilience.hang_timeout_s={HANG_TIMEOUT_S}"])
     assert codes == [ResilienceConfig().hang_exit_code] * 2
@@ -99,7 +99,7 @@ def _train(out, data_cache, monkeypatch, faults: str | None, *overrides: str, wo
         monkeypatch.setenv(ALLOW_FAULTS, "1")
     else:
         monkeypatch.delenv(FAULTS, raising=False)
-    run_distributed(train_and_collect, world_size, [*TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache}",
+    run_distributed(train_and_collect, world_size, [*tiny_run(out, data_cache),
                                                     "--train.eval_every=0", *overrides])
 
 
@@ -207,7 +207,7 @@ def test_a_skipped_step_changes_no_parameter_at_any_zero_stage(tiny_overrides, m
 def test_a_rollback_after_a_world_size_change_loads_the_native_checkpoint(tmp_path, data_cache, monkeypatch):
     """Started on 2 ranks from a 1-rank checkpoint (a universal load), then rolled back to a checkpoint
     the 2 ranks wrote themselves (a native load): the engine is told which kind each load is."""
-    run = [*TINY, f"--output_dir={tmp_path}", f"--data.cache_dir={data_cache}", "--train.eval_every=0", "--name=run",
+    run = [*tiny_run(tmp_path, data_cache), "--train.eval_every=0", "--name=run",
            "--train.max_steps=9", "--resilience.max_bad_steps=2"]
     run_distributed(train_and_collect, 1, [*run, "--checkpoint.every=4", f"--train.max_tokens={4 * GLOBAL_BATCH * 128}"])
     monkeypatch.setenv(FAULTS, f"nan:samples={6 * GLOBAL_BATCH}-{8 * GLOBAL_BATCH}")  # steps 7 and 8

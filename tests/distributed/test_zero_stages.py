@@ -28,13 +28,13 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache):
     """(precision, stage) -> rank-0 result, trained once for the whole module."""
-    from tests.conftest import TINY
+    from tests.conftest import tiny_run
 
     out = tmp_path_factory.mktemp("zero")
     results = {}
     for precision, stages in (("fp32", range(4)), ("bf16", (0, 1, 3))):
         for stage in stages:
-            overrides = [*TINY, f"--output_dir={out}", f"--data.cache_dir={data_cache}",
+            overrides = [*tiny_run(out, data_cache),
                          f"--name={precision}-zero{stage}", f"--deepspeed.config=zero{stage}",
                          f"--train.precision={precision}", f"--train.max_steps={STEPS}", "--model.dropout=0.0",
                          "--train.eval_every=0", "--checkpoint.every=0"]
