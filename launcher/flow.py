@@ -67,7 +67,7 @@ def exit_code(end: LaunchEnd, cfg: Config) -> int:
                     "Ctrl-C" if end.interrupted == "SIGINT" else "terminal closed", end.interrupted, saved["step"],
                     end.resume_hint, end.interrupt_exit_code)
         return end.interrupt_exit_code
-    if end.grow_request and not end.stop_asked:
+    if end.grow_request and stopped and not end.stop_asked:  # a run that completed first has nothing to grow
         log.info("stopped %s to %s: the next worker group resumes there", stopped_at(end.run_dir, stopped),
                  end.grow_request)
         return cfg.checkpoint.requeue_exit_code
