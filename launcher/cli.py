@@ -324,7 +324,7 @@ def _cmd_check(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_launch_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
-    from launcher.slurm.batch import launch_slurm
+    from launcher.slurm.submit import launch_slurm
 
     return launch_slurm(args, overrides)
 

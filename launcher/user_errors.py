@@ -1,6 +1,6 @@
 """How every entry point reports a user error: one `bigmodel: error: ...` line on stderr, exit 2.
 
-`bigmodel`, `python -m launcher.slurm.batch preflight` and `python -m launcher.ray_job` all run their command
+`bigmodel`, `python -m launcher.slurm preflight` and `python -m launcher.ray_job` all run their command
 through `report_user_errors`, so a refusal reads the same whichever launcher meets it, and no traceback
 hides the one line that says what to fix.
 """

@@ -53,7 +53,7 @@ export BIGMODEL_LAUNCH_ID="slurm-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}"
 # All checks live in Python: versions, node list, config, GPUs per node. Exit 2 = do not retry.
 # Its one line of output: the config's requeue, hang and bad-node exit codes, whether to run the
 # health check (1/0), and the run directory.
-PREFLIGHT=$(python -m launcher.slurm.batch preflight "$@") || exit $?
+PREFLIGHT=$(python -m launcher.slurm preflight "$@") || exit $?
 read -r REQUEUE_EXIT_CODE HANG_EXIT_CODE BAD_NODE_EXIT_CODE HEALTH_CHECK RUN_DIR <<< "$PREFLIGHT"
 # Whoever names a bad or hung node appends it here (shared file system, one file per attempt).
 export BIGMODEL_SUSPECT_NODES_FILE="$RUN_DIR/logs/suspect-nodes-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}.txt"
@@ -116,7 +116,7 @@ if [[ -n "$CANCELLED" ]] || job_cancelled; then   # also when only the steps got
 elif [[ $CODE -eq $REQUEUE_EXIT_CODE || $CODE -eq $HANG_EXIT_CODE || $CODE -eq $BAD_NODE_EXIT_CODE ]]; then
     if [[ ${SLURM_RESTART_COUNT:-0} -lt $MAX_REQUEUES ]]; then
         EXCLUDE=""   # a hang or a bad node: the suspects to avoid, if the partition can spare them
-        [[ $CODE -eq $REQUEUE_EXIT_CODE ]] || EXCLUDE=$(python -m launcher.slurm.batch exclude "$BIGMODEL_SUSPECT_NODES_FILE")
+        [[ $CODE -eq $REQUEUE_EXIT_CODE ]] || EXCLUDE=$(python -m launcher.slurm exclude "$BIGMODEL_SUSPECT_NODES_FILE")
         echo "batch: exit $CODE; requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})" >&2
         trap '' TERM USR1   # the requeue TERMs the job; ignored here and by the scontrol calls below
         scontrol requeue "$SLURM_JOB_ID"

@@ -50,7 +50,7 @@ def test_the_wheel_validates_every_shipped_deepspeed_name_from_anywhere(installe
     elsewhere.mkdir()
     shutil.copy(REPO / "configs" / "gpt2-tiny.yaml", elsewhere / "my.yaml")
     where = _run([str(installed / "bin" / "python"), "-c",
-                  "import bigmodel_dist, launcher.slurm.batch as s; print(bigmodel_dist.__file__); print(s.SCRIPT.is_file())"],
+                  "import bigmodel_dist, launcher.slurm.submit as s; print(bigmodel_dist.__file__); print(s.SCRIPT.is_file())"],
                  cwd=elsewhere)
     module_file, script_found = where.stdout.split()
     assert module_file.startswith(str(installed)), where  # the wheel's copy, not the source tree
