@@ -188,21 +188,18 @@ def test_a_requeued_slurm_attempt_waits_for_its_previous_attempt_to_let_go(tmp_p
 def test_the_exit_code_never_borrows_another_launchs_marker(tmp_path):
     """The marker a launch reads is its own: a COMPLETED another launch of the run just wrote (newer than
     this one's start) does not turn this launch's failed workers into a success."""
-    from launcher.local.launch import Interrupts, _exit_code
+    from launcher.flow import LaunchEnd, Markers, exit_code
 
     run_dir = RunDir(tmp_path / "run")
     run_dir.path.mkdir()
     run_dir.completed.write_text(json.dumps({"step": 15, "finished_at": time.time(), "launch": "the-other-one"}))
-    resolved = SimpleNamespace(config=SimpleNamespace(checkpoint=SimpleNamespace(requeue_exit_code=85),
-                                                      resilience=SimpleNamespace(hang_exit_code=86)), run_dir=run_dir)
-    signals = SimpleNamespace(received=None)
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGHUP)
-    try:
-        interrupts = Interrupts(tmp_path / "stop")
-    finally:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGHUP, before[1])
-    assert _exit_code(1, resolved, signals, interrupts, "mine", markers_here=True) == 1
-    assert _exit_code(0, resolved, signals, interrupts, "mine", markers_here=True) == EXIT_RUN_FAILED
+    config = SimpleNamespace(checkpoint=SimpleNamespace(requeue_exit_code=85),
+                             resilience=SimpleNamespace(hang_exit_code=86))
+
+    def code(workers_code: int) -> int:  # as `launch local` derives it, from this launch's markers only
+        return exit_code(LaunchEnd(run_dir, workers_code, Markers.of_launch(run_dir, "mine")), config)
+
+    assert code(1) == 1
+    assert code(0) == EXIT_RUN_FAILED
     run_dir.completed.write_text(json.dumps({"step": 15, "finished_at": time.time(), "launch": "mine"}))
-    assert _exit_code(1, resolved, signals, interrupts, "mine", markers_here=True) == 0  # an abort after the end
+    assert code(1) == 0  # an abort after the end
