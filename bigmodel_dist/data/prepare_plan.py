@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,12 +195,30 @@ def finalize(plan: Plan) -> Path:
     if meta["num_train_sequences"] < 1 or meta["num_val_sequences"] < 1:
         raise UserInputError(f"data.paths {plan.data['paths']}: too little text for one training and one validation "
                              f"sequence of {seq_len} tokens; add text or lower data.seq_len")
-    for stale in plan.folder.glob(".shard-*.tmp"):  # left by writers killed mid-file; every shard is complete
-        stale.unlink(missing_ok=True)
+    remove_stale_temp_files(plan.folder)
     write_json_atomically(plan.folder / "meta.json", meta)
     log.info("prepared %s: %d tokens, %d train + %d val sequences in %d shard(s)", plan.out, meta["num_tokens"],
              meta["num_train_sequences"], meta["num_val_sequences"], len(shards))
     return plan.folder
+
+
+# A temp file untouched this long belongs to a writer that is gone (killed mid-file). A younger one may be
+# another node's writer of the same shard (nodes without rank 0's files prepare too): never pulled from under it.
+STALE_TEMP_S = 3600.0
+
+
+def remove_stale_temp_files(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove the shard temp files that killed writers left (every shard is complete when this runs)."""
+    now = time.time() if now is None else now
+    removed = []
+    for temp in folder.glob(".shard-*.tmp"):
+        try:
+            if now - temp.stat().st_mtime > STALE_TEMP_S:
+                temp.unlink(missing_ok=True)
+                removed.append(temp)
+        except FileNotFoundError:  # its writer renamed it meanwhile
+            continue
+    return removed
 
 
 def all_units(plans: Sequence[Plan]) -> list[Unit]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -16,6 +17,7 @@ from bigmodel_dist.config import load_config
 from bigmodel_dist.core.errors import UserInputError
 from bigmodel_dist.data.prepare import plans_for_run
 from bigmodel_dist.data.prepare_plan import (
+    STALE_TEMP_S,
     Plan,
     all_units,
     chunk,
@@ -74,7 +76,11 @@ def test_finalize_waits_for_every_shard_and_a_resumed_plan_schedules_only_the_mi
     units = all_units(plans)
     missing = units[2]
     write_units(plans, [u for u in units if u != missing])  # a task killed before its shard
-    (out / f".shard-{missing[1]:05d}.bin.x.tmp").write_bytes(b"half")  # ...or in the middle of writing it
+    stray = out / f".shard-{missing[1]:05d}.bin.x.tmp"
+    stray.write_bytes(b"half")  # ...or in the middle of writing it, long ago
+    os.utime(stray, (time.time() - 2 * STALE_TEMP_S,) * 2)
+    writing = out / f".shard-{missing[1]:05d}.json.y.tmp"  # another node's writer of that shard, at work now
+    writing.write_bytes(b"{")
     with pytest.raises(UserInputError, match=f"shard {missing[1]} of {len(units)} is incomplete"):
         finalize(plans[0])
     written = stamps_of(out)
@@ -82,6 +88,8 @@ def test_finalize_waits_for_every_shard_and_a_resumed_plan_schedules_only_the_mi
     assert incomplete_units(plans) == [missing]
     write_units(plans, incomplete_units(plans))
     finalize(plans[0])
+    assert writing.exists()  # not pulled from under its writer, which renames it when done
+    writing.unlink()
     assert files_of(out) == files_of(reference)  # the stray temp file is gone too
     assert all(stamps_of(out)[name] == stamp for name, stamp in written.items() if not name.startswith("."))
 
