@@ -47,7 +47,7 @@ def test_a_full_disk_ends_the_run_with_one_error_naming_rank_path_and_cause(smal
     assert not (run_dir / "COMPLETED").exists() and not (run_dir / "STOPPED").exists()
 
     # It stopped within a step or two of the failing save (step 4: step 2's checkpoint fits, step 4's not).
-    steps = [int(step) for step in re.findall(r"metrics: step (\d+) loss=", output)]
+    steps = [int(step) for step in re.findall(r"metrics\.logger: step (\d+) loss=", output)]
     assert steps and max(steps) <= 4 + 2, shown
 
     # What was committed before stays whole and is what `latest` names.
