@@ -12,7 +12,7 @@ from bigmodel_dist.core.distributed import DistributedFacts
 from bigmodel_dist.data.batch_loader import BatchLoader
 from bigmodel_dist.data.dataset import MixedDataset, PackedDataset
 from bigmodel_dist.data.ledger import SampleLedger
-from bigmodel_dist.ft.preemption import StopController, StopSignals
+from bigmodel_dist.ft.preemption import StopController
 from bigmodel_dist.metrics.logger import MetricsLogger
 from bigmodel_dist.metrics.startup import StartupClock
 from bigmodel_dist.model.engine import Runtime
@@ -30,7 +30,6 @@ class TrainingParts:
     facts: DistributedFacts
     hooks: LoopHooks
     clock: StartupClock
-    signals: StopSignals
     state: TrainState
     metrics: MetricsLogger
     step_log: StepLog

@@ -123,7 +123,7 @@ def _build_parts(resolved: ResolvedRun, facts: DistributedFacts, reporter: StepR
     window_metrics = WindowMetrics(resolved, facts, runtime, metrics)
     sync_mixture(dataset, resolved, state, metrics)
     parts = TrainingParts(
-        resolved=resolved, facts=facts, hooks=hooks, clock=clock, signals=signals, state=state, metrics=metrics,
+        resolved=resolved, facts=facts, hooks=hooks, clock=clock, state=state, metrics=metrics,
         step_log=StepLog(metrics, reporter), ledger=ledger, dataset=dataset, tokenizer=tokenizer,
         checkpoints=checkpoints, runtime=runtime, guard=StepGuard(cfg, state, runtime, metrics, hooks, facts.world_size),
         stopper=stopper, window_metrics=window_metrics,
