@@ -1,4 +1,4 @@
-"""Input corpora as a `datasets.Dataset` with one `text` column, checked file by file first.
+"""Input corpora as a `datasets.Dataset` with one `text` column (the files, found and checked: `config/inputs.py`).
 
 Inputs: text-like files (each file one document: .txt .py .md .rst), JSON lines, Parquet and Arrow
 (one document per row, `data.text_column`), folders of those, folders a `datasets` Dataset was saved to
